@@ -1,0 +1,103 @@
+"""Skinny product t = x·aᵀ with the r-sized epilogue u = (t ⊙ s)·coreᵀ in registers.
+
+x is (M, K) and a is (R, K) with R small (the adapter rank): every program owns BLOCK_M rows
+and a BLOCK_R-wide slice of the rank, loops over K once, and writes only (M, R) fp32 results.
+The same kernel computes du = dy·b_eff in the backward (a = b_effᵀ through strides).
+"""
+import torch
+import triton
+import triton.language as tl
+
+from svk.kernels._common import (LAUNCHES, MAX_EPILOGUE_RANK, check_device, configs,
+                                 dot_precision, m_bucket, rank_pad)
+
+_CONFIGS = configs(
+    [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=st)
+     for bm, bk, w, st in [(16, 256, 4, 4), (32, 128, 4, 4), (64, 128, 4, 3),
+                           (128, 64, 8, 3), (128, 128, 8, 3), (256, 64, 8, 3)]],
+    {"BLOCK_M": 16, "BLOCK_K": 32},
+)
+
+
+@triton.autotune(configs=_CONFIGS, key=["M_BUCKET", "K", "BLOCK_R"])
+@triton.jit
+def _x_at_kernel(
+    X, A, S, CORE, T, U,
+    M, K, R, M_BUCKET,
+    stride_xm, stride_xk, stride_ar, stride_ak, stride_cr, stride_cc,
+    stride_tm, stride_tr, stride_um, stride_ur,
+    HAS_S: tl.constexpr, HAS_CORE: tl.constexpr, WRITE_U: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    ranks = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    ks = tl.arange(0, BLOCK_K)
+    row_ok = rows < M
+    rank_ok = ranks < R
+
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = (k0 + ks) < K
+        x = tl.load(X + rows[:, None] * stride_xm + (k0 + ks)[None, :] * stride_xk,
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        # aᵀ tile (BLOCK_K, BLOCK_R); tl.dot wants one dtype, the activations' one.
+        a_t = tl.load(A + ranks[None, :] * stride_ar + (k0 + ks)[:, None] * stride_ak,
+                      mask=k_ok[:, None] & rank_ok[None, :], other=0.0)
+        acc = tl.dot(x, a_t.to(x.dtype), acc, input_precision=DOT_PRECISION)
+
+    out_mask = row_ok[:, None] & rank_ok[None, :]
+    tl.store(T + rows[:, None] * stride_tm + ranks[None, :] * stride_tr, acc, mask=out_mask)
+    if WRITE_U:
+        u = acc
+        if HAS_S:
+            u = u * tl.load(S + ranks, mask=rank_ok, other=0.0).to(tl.float32)[None, :]
+        if HAS_CORE:
+            # u·coreᵀ needs the whole rank in this program: the launcher sets BLOCK_R ≥ R.
+            core_t = tl.load(CORE + ranks[None, :] * stride_cr + ranks[:, None] * stride_cc,
+                             mask=rank_ok[:, None] & rank_ok[None, :], other=0.0)
+            u = tl.dot(u, core_t.to(tl.float32), input_precision="ieee")
+        tl.store(U + rows[:, None] * stride_um + ranks[None, :] * stride_ur, u, mask=out_mask)
+
+
+def x_at(x, a, s=None, core=None, *, a_transposed=False):
+    """t = x·aᵀ (fp32, (M, R)) and, when s or core is given, u = (t ⊙ s)·coreᵀ (fp32).
+
+    x: (M, K) activations (fp32/fp16/bf16). a: (R, K), or (K, R) when a_transposed (the
+    backward passes b_eff this way). s: (R,) or None. core: (R, R) or None.
+    Returns (t, u); u is None when neither s nor core is given.
+    """
+    check_device(x, a, s, core)
+    assert x.dim() == 2, "x must be 2-D (M, K)"
+    M, K = x.shape
+    if a_transposed:
+        R = a.shape[1]
+        stride_ar, stride_ak = a.stride(1), a.stride(0)
+    else:
+        R = a.shape[0]
+        stride_ar, stride_ak = a.stride(0), a.stride(1)
+    assert (a.shape[1] if not a_transposed else a.shape[0]) == K
+    write_u = s is not None or core is not None
+    if core is not None and rank_pad(R) > MAX_EPILOGUE_RANK:
+        # The core epilogue needs the whole rank in registers; past that size the r×r product
+        # is cheap next to the skinny GEMM, so it runs as a separate matmul.
+        t, u = x_at(x, a, s, None, a_transposed=a_transposed)
+        return t, (u if u is not None else t) @ core.t().float()
+    block_r = rank_pad(R) if (core is not None or R <= MAX_EPILOGUE_RANK) else MAX_EPILOGUE_RANK
+    t = torch.empty((M, R), device=x.device, dtype=torch.float32)
+    u = torch.empty_like(t) if write_u else t
+    dummy = t
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, meta["BLOCK_R"]))
+    LAUNCHES["x_at"] += 1
+    _x_at_kernel[grid](
+        x, a, s if s is not None else dummy, core if core is not None else dummy, t, u,
+        M, K, R, m_bucket(M),
+        x.stride(0), x.stride(1), stride_ar, stride_ak,
+        core.stride(0) if core is not None else 0, core.stride(1) if core is not None else 0,
+        t.stride(0), t.stride(1), u.stride(0), u.stride(1),
+        HAS_S=s is not None, HAS_CORE=core is not None, WRITE_U=write_u,
+        DOT_PRECISION=dot_precision(x.dtype), BLOCK_R=block_r,
+    )
+    return t, (u if write_u else None)

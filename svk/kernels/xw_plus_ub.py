@@ -1,0 +1,165 @@
+"""The base GEMM with the adapter folded in: y = x·Wᵀ + u·vᵀ + bias, y written once.
+
+x is (M, K), W is read as (N, K) and v as (N, R) through strides, so the same kernel computes
+the forward (x, W, u, b_eff) and the backward's dx = dy·W + dt·a (W and a read transposed).
+The low-rank term is R extra steps of the K loop on the same accumulator: no (M, N)
+intermediate exists.
+
+One-pass variant (ONE_PASS): instead of reading a precomputed u, every program also
+accumulates t = x·aᵀ for its rows from the x tiles it already loads for x·Wᵀ, applies the
+r-sized epilogue u = (t ⊙ s)·coreᵀ after the loop and adds u·vᵀ before the single store. x is
+read once and there is one launch; each N-tile recomputes t (R/BLOCK_N extra FLOPs). The
+programs of the first N-tile also store t for the backward.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from svk.kernels._common import (LAUNCHES, MAX_EPILOGUE_RANK, check_device, configs,
+                                 dot_precision, m_bucket, rank_pad)
+
+_GPU_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+                  num_warps=w, num_stages=st)
+    for bm, bn, bk, w, st in [
+        (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4),
+        (64, 256, 64, 4, 4), (64, 128, 64, 4, 4), (32, 128, 64, 4, 4), (16, 128, 128, 4, 4),
+        (16, 64, 128, 4, 5), (64, 64, 64, 4, 5),
+    ]
+]
+_CONFIGS = configs(_GPU_CONFIGS, {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2})
+
+
+@triton.autotune(configs=_CONFIGS, key=["M_BUCKET", "N", "K", "R", "ONE_PASS"])
+@triton.jit
+def _xw_plus_ub_kernel(
+    X, W, U, V, BIAS, A, S, CORE, T, Y,
+    M, N, K, R, M_BUCKET,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_um, stride_ur, stride_vn, stride_vr,
+    stride_ar, stride_ak, stride_cr, stride_cc, stride_tm, stride_tr, stride_ym, stride_yn,
+    HAS_BIAS: tl.constexpr, HAS_LOWRANK: tl.constexpr, ONE_PASS: tl.constexpr,
+    HAS_S: tl.constexpr, HAS_CORE: tl.constexpr, STORE_T: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    # Grouped ordering of the (M, N) tiles so neighbouring programs share W tiles in L2.
+    pid = tl.program_id(0)
+    n_m = tl.cdiv(M, BLOCK_M)
+    n_n = tl.cdiv(N, BLOCK_N)
+    group = pid // (GROUP_M * n_n)
+    first_m = group * GROUP_M
+    group_size = tl.minimum(n_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * n_n)) % group_size
+    pid_n = (pid % (GROUP_M * n_n)) // group_size
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    rs = tl.arange(0, BLOCK_R)
+    row_ok = rows < M
+    col_ok = cols < N
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if ONE_PASS:
+        t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = (k0 + ks) < K
+        x = tl.load(X + rows[:, None] * stride_xm + (k0 + ks)[None, :] * stride_xk,
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w_t = tl.load(W + cols[None, :] * stride_wn + (k0 + ks)[:, None] * stride_wk,
+                      mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = tl.dot(x, w_t, acc, input_precision=DOT_PRECISION)
+        if ONE_PASS:
+            a_t = tl.load(A + rs[None, :] * stride_ar + (k0 + ks)[:, None] * stride_ak,
+                          mask=k_ok[:, None] & (rs < R)[None, :], other=0.0)
+            t = tl.dot(x, a_t.to(x.dtype), t, input_precision=DOT_PRECISION)
+
+    if HAS_LOWRANK:
+        if ONE_PASS:
+            rank_ok = rs < R
+            if STORE_T:
+                if pid_n == 0:
+                    tl.store(T + rows[:, None] * stride_tm + rs[None, :] * stride_tr, t,
+                             mask=row_ok[:, None] & rank_ok[None, :])
+            u = t
+            if HAS_S:
+                u = u * tl.load(S + rs, mask=rank_ok, other=0.0).to(tl.float32)[None, :]
+            if HAS_CORE:
+                core_t = tl.load(CORE + rs[None, :] * stride_cr + rs[:, None] * stride_cc,
+                                 mask=rank_ok[:, None] & rank_ok[None, :], other=0.0)
+                u = tl.dot(u, core_t.to(tl.float32), input_precision="ieee")
+            v_t = tl.load(V + cols[None, :] * stride_vn + rs[:, None] * stride_vr,
+                          mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
+            acc = tl.dot(u.to(X.dtype.element_ty), v_t.to(X.dtype.element_ty), acc,
+                         input_precision=DOT_PRECISION)
+        else:
+            # R extra steps of the K loop: u is small, so it streams in BLOCK_R chunks.
+            for r0 in range(0, R, BLOCK_R):
+                r_ok = (r0 + rs) < R
+                u = tl.load(U + rows[:, None] * stride_um + (r0 + rs)[None, :] * stride_ur,
+                            mask=row_ok[:, None] & r_ok[None, :], other=0.0)
+                v_t = tl.load(V + cols[None, :] * stride_vn + (r0 + rs)[:, None] * stride_vr,
+                              mask=r_ok[:, None] & col_ok[None, :], other=0.0)
+                acc = tl.dot(u.to(X.dtype.element_ty), v_t.to(X.dtype.element_ty), acc,
+                             input_precision=DOT_PRECISION)
+
+    if HAS_BIAS:
+        acc += tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(Y + rows[:, None] * stride_ym + cols[None, :] * stride_yn,
+             acc.to(Y.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+def _launch(x, w, w_transposed, v, v_transposed, bias, *, u=None, a=None, s=None, core=None,
+            store_t=False):
+    check_device(x, w, v, bias, u, a, s, core)
+    M, K = x.shape
+    N = w.shape[1] if w_transposed else w.shape[0]
+    swn, swk = (w.stride(1), w.stride(0)) if w_transposed else (w.stride(0), w.stride(1))
+    assert (w.shape[0] if w_transposed else w.shape[1]) == K
+    one_pass = a is not None
+    has_lowrank = v is not None
+    if has_lowrank:
+        R = v.shape[0] if v_transposed else v.shape[1]
+        svn, svr = (v.stride(1), v.stride(0)) if v_transposed else (v.stride(0), v.stride(1))
+    else:
+        R, svn, svr = 0, 0, 0
+    block_r = rank_pad(max(R, 1)) if one_pass else min(rank_pad(max(R, 1)), 64)
+    if one_pass:
+        assert block_r <= MAX_EPILOGUE_RANK, "one-pass keeps the whole rank in registers"
+    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    t = torch.empty((M, R), device=x.device, dtype=torch.float32) if store_t else y
+    dummy = y
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+    LAUNCHES["xw_plus_xasb" if one_pass else "xw_plus_ub"] += 1
+    _xw_plus_ub_kernel[grid](
+        x, w, u if u is not None else dummy, v if v is not None else dummy,
+        bias if bias is not None else dummy, a if a is not None else dummy,
+        s if s is not None else dummy, core if core is not None else dummy, t, y,
+        M, N, K, R, m_bucket(M),
+        x.stride(0), x.stride(1), swn, swk,
+        u.stride(0) if u is not None else 0, u.stride(1) if u is not None else 0, svn, svr,
+        a.stride(0) if a is not None else 0, a.stride(1) if a is not None else 0,
+        core.stride(0) if core is not None else 0, core.stride(1) if core is not None else 0,
+        t.stride(0) if store_t else 0, t.stride(1) if store_t else 0, y.stride(0), y.stride(1),
+        HAS_BIAS=bias is not None, HAS_LOWRANK=has_lowrank, ONE_PASS=one_pass,
+        HAS_S=s is not None, HAS_CORE=core is not None, STORE_T=store_t,
+        DOT_PRECISION=dot_precision(x.dtype), BLOCK_R=block_r,
+    )
+    return y, (t if store_t else None)
+
+
+def xw_plus_ub(x, w, u=None, v=None, bias=None, *, w_transposed=False, v_transposed=False):
+    """y = x·Wᵀ + u·vᵀ + bias in one kernel, y in x's dtype.
+
+    x (M, K); w (N, K), or (K, N) when w_transposed; u (M, R) fp32 and v (N, R), or (R, N)
+    when v_transposed; bias (N,). u and v are both given or both None.
+    """
+    assert (u is None) == (v is None)
+    return _launch(x, w, w_transposed, v, v_transposed, bias, u=u)[0]
+
+
+def xw_plus_xasb(x, w, a, v, bias=None, *, s=None, core=None, store_t=True):
+    """One pass over x: y = x·Wᵀ + ((x·aᵀ ⊙ s)·coreᵀ)·vᵀ + bias; returns (y, t) with
+    t = x·aᵀ (fp32) when store_t. a (R, K), v (N, R), R ≤ 128."""
+    return _launch(x, w, False, v, False, bias, a=a, s=s, core=core, store_t=store_t)

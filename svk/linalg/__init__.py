@@ -1,0 +1,1 @@
+from .rsvd import rsvd

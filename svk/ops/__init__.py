@@ -1,0 +1,4 @@
+"""Public ops: argument checks, backend dispatch, torch.library registration, autograd."""
+from svk.ops.sv_linear import sv_linear
+
+__all__ = ["sv_linear"]

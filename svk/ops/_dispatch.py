@@ -1,0 +1,93 @@
+"""Backend resolution shared by the ops.
+
+backend="auto" runs the Triton kernels on CUDA tensors and PyTorch on CPU; the environment
+variable SVK_BACKEND (auto|triton|torch) changes what "auto" means. A forced backend that
+cannot run raises; it never falls back silently. SVK_STRATEGY (fused|one_pass|merged) forces
+the Triton strategy, for benchmarks and tests.
+"""
+import os
+
+import torch
+
+BACKENDS = ("auto", "triton", "torch")
+STRATEGIES = ("fused", "one_pass", "merged")
+
+try:
+    import triton  # noqa: F401
+
+    from svk import kernels as _kernels  # noqa: F401
+    TRITON_ERROR = None
+except Exception as error:  # no Triton wheel for this platform, or a broken install
+    TRITON_ERROR = f"{type(error).__name__}: {error}"
+
+
+def interpreter_on():
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_usable(device):
+    """(ok, reason) for running Triton kernels on tensors of `device`."""
+    if TRITON_ERROR is not None:
+        return False, f"Triton could not be imported ({TRITON_ERROR})"
+    if device.type == "cuda":
+        return True, ""
+    if interpreter_on():
+        return True, ""
+    return False, (f"Triton kernels need CUDA tensors; x is on {device}. Set TRITON_INTERPRET=1 "
+                   "before importing svk to run them on CPU through Triton's interpreter")
+
+
+def resolve_backend(backend, x):
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = os.environ.get("SVK_BACKEND", "auto")
+        if backend not in BACKENDS:
+            raise ValueError(f"SVK_BACKEND must be one of {BACKENDS}, got {backend!r}")
+        if backend == "auto":
+            return "triton" if x.device.type == "cuda" and triton_usable(x.device)[0] else "torch"
+    if backend == "triton":
+        ok, reason = triton_usable(x.device)
+        if not ok:
+            raise RuntimeError(f"backend='triton' cannot run: {reason}")
+        if x.dtype == torch.float64:
+            raise TypeError("x has dtype torch.float64, which only backend='torch' supports")
+    return backend
+
+
+def forced_strategy():
+    value = os.environ.get("SVK_STRATEGY")
+    if value is not None and value not in STRATEGIES:
+        raise ValueError(f"SVK_STRATEGY must be one of {STRATEGIES}, got {value!r}")
+    return value
+
+
+def choose_strategy(m, in_features, out_features, padded_rank, max_epilogue_rank):
+    """Fused vs one-pass vs merged for the Triton backend.
+
+    one_pass: one launch, x read once; wins where launch latency and the second read of x
+    dominate (decode, small M). merged: builds W_eff once (2·out·in·r FLOPs, independent of M)
+    and then runs one plain GEMM; it wins once the fused adapter's 2·M·r·(in+out) FLOPs exceed
+    that, i.e. for M·(in+out) well above in·out. The cut-offs are provisional until measured
+    on a GPU (benchmarks/), see the README.
+    """
+    forced = forced_strategy()
+    if forced == "one_pass" and padded_rank > max_epilogue_rank:
+        raise ValueError(f"SVK_STRATEGY=one_pass needs rank ≤ {max_epilogue_rank}")
+    if forced is not None:
+        return forced
+    if m <= 256 and padded_rank <= max_epilogue_rank:
+        return "one_pass"
+    if m * (in_features + out_features) >= 4 * in_features * out_features:
+        return "merged"
+    return "fused"
+
+
+def autocast_base(x, weight, bias):
+    """Under torch.autocast the base layer runs in the autocast dtype, as nn.Linear would;
+    adapter tensors keep their own dtype (the kernels cast their tiles)."""
+    device_type = x.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return x, weight, bias
+    dtype = torch.get_autocast_dtype(device_type)
+    return x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)

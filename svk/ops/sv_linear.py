@@ -1,0 +1,143 @@
+"""svk.sv_linear: a frozen linear layer plus a singular-value adapter, fused.
+
+    t = x·aᵀ                 (M, r)
+    p = t ⊙ s ;  u = p·coreᵀ  (u = p without core)
+    y = x·Wᵀ + bias + u·b_effᵀ,   b_eff = scaling · out_scale ⊙ b   (out, r)
+
+Folding scaling and out_scale into b_eff (an (out, r) tensor) makes the adapter one rank-r
+product added to the base GEMM's accumulator; no (M, out) intermediate exists.
+"""
+import torch
+
+from svk.ops import _checks, _dispatch
+from svk.ops._library import differentiable_op
+
+def _b_eff(b, out_scale, scaling):
+    b_eff = b.float() * scaling
+    return b_eff if out_scale is None else b_eff * out_scale.float()[:, None]
+
+
+def _forward(x, weight, a, s, b, bias, core, out_scale, scaling, strategy):
+    """Returns (y, t): y in x's dtype, t = x·aᵀ in fp32 (saved for backward)."""
+    b_eff = _b_eff(b, out_scale, scaling)
+    if strategy == "torch":
+        t = torch.nn.functional.linear(x, a.to(x.dtype)).float()
+        u = t * s.float()
+        if core is not None:
+            u = u @ core.float().t()
+        y = torch.nn.functional.linear(x, weight, bias)
+        return torch.addmm(y, u.to(x.dtype), b_eff.to(x.dtype).t()), t
+    from svk import kernels
+    if strategy == "one_pass":
+        return kernels.xw_plus_xasb(x, weight, a, b_eff, bias, s=s, core=core)
+    if strategy == "merged":
+        t, _ = kernels.x_at(x, a)
+        return kernels.xw_plus_ub(x, _merged_weight(weight, a, s, b_eff, core), bias=bias), t
+    t, u = kernels.x_at(x, a, s, core)
+    return kernels.xw_plus_ub(x, weight, u, b_eff, bias), t
+
+
+def _merged_weight(weight, a, s, b_eff, core):
+    """W_eff = W + b_eff·core·diag(s)·a, transient: rebuilt in backward, never kept."""
+    right = a.float() * s.float()[:, None]
+    if core is not None:
+        right = core.float() @ right
+    return torch.addmm(weight.float(), b_eff, right).to(weight.dtype)
+
+
+def _backward(dy, x, weight, a, s, b, bias, core, out_scale, t, scaling, strategy, needs):
+    """Gradients of (x, weight, a, s, b, bias, core, out_scale); see SVLinearFunction."""
+    need_x, need_w, need_a, need_s, need_b, need_bias, need_core, need_os = needs
+    b_eff = _b_eff(b, out_scale, scaling)
+    sf = s.float()
+    triton_path = strategy != "torch"
+    if triton_path:
+        from svk import kernels
+        du, _ = kernels.x_at(dy, b_eff, a_transposed=True)
+    else:
+        du = (dy @ b_eff.to(dy.dtype)).float()
+    dp = du @ core.float() if core is not None else du
+    dt = dp * sf
+    p = t * sf
+    grads = [None] * 8
+    if need_x:
+        if not triton_path:
+            grads[0] = torch.addmm(dy @ weight, dt.to(dy.dtype), a.to(dy.dtype))
+        elif strategy == "merged":
+            w_eff = _merged_weight(weight, a, s, b_eff, core)
+            grads[0] = kernels.xw_plus_ub(dy, w_eff, w_transposed=True)
+        else:
+            grads[0] = kernels.xw_plus_ub(dy, weight, dt, a, w_transposed=True,
+                                          v_transposed=True)
+    if need_w:
+        grads[1] = dy.t() @ x
+    if need_a:
+        grads[2] = (dt.to(x.dtype).t() @ x).to(a.dtype)
+    if need_s:
+        grads[3] = (dp * t).sum(0).to(s.dtype)
+    if need_b or need_os:
+        # G = dyᵀ·u (out, r) gives both db = scaling·out_scale ⊙ G and
+        # d_out_scale = scaling·rowsum(b ⊙ G): one reduction over M, no (M, out) tensor.
+        u = p @ core.float().t() if core is not None else p
+        g = (dy.t() @ u.to(dy.dtype)).float() * scaling
+        if need_b:
+            grads[4] = (g if out_scale is None else g * out_scale.float()[:, None]).to(b.dtype)
+        if need_os:
+            grads[7] = (b.float() * g).sum(1).to(out_scale.dtype)
+    if need_bias:
+        grads[5] = dy.sum(0)
+    if need_core:
+        grads[6] = (du.t() @ p).to(core.dtype)
+    return grads
+
+
+sv_linear_op = differentiable_op(
+    "sv_linear",
+    args=("x", "weight", "a", "s", "b", "bias", "core", "out_scale"),
+    optional=("bias", "core", "out_scale"),
+    scalars=(("scaling", "float"),),
+    extras=("t",),
+    forward=_forward,
+    backward=_backward,
+    fake_extras=lambda x, weight, a, *_: [((x.shape[0], a.shape[0]), torch.float32)],
+)
+
+
+def sv_linear(x, weight, a, s, b, *, bias=None, core=None, out_scale=None, scaling=1.0,
+              backend="auto"):
+    """y = x·Wᵀ + bias + scaling·(((x·aᵀ) ⊙ s)·coreᵀ·bᵀ) ⊙ out_scale, fused (DESIGN.md §2).
+
+    x (..., in); weight (out, in) and bias (out,) in x's dtype; a (r, in), s (r,), b (out, r),
+    core (r, r), out_scale (out,) in any float dtype (fp32 adapters on a bf16 model are fine).
+    Products accumulate in fp32; y has x's dtype. Differentiable in every tensor that
+    requires grad; saves x and one (M, r) fp32 tensor for backward.
+    backend: "auto" (Triton on CUDA, PyTorch on CPU), "triton" or "torch".
+    """
+    out_features, in_features = _checks.base_layer(x, weight, bias)
+    for name, value in (("a", a), ("s", s), ("b", b)):
+        _checks.tensor(name, value)
+    _checks.tensor("core", core, optional=True)
+    _checks.tensor("out_scale", out_scale, optional=True)
+    if a.dim() != 2 or a.shape[1] != in_features:
+        raise ValueError(f"a must have shape (r, in={in_features}), got {tuple(a.shape)}")
+    r = a.shape[0]
+    if r == 0:
+        raise ValueError("a has rank 0; the adapter needs r ≥ 1")
+    _checks.shape("s", s, (r,), "r")
+    _checks.shape("b", b, (out_features, r), "out, r")
+    _checks.shape("core", core, (r, r), "r, r")
+    _checks.shape("out_scale", out_scale, (out_features,), "out")
+    _checks.same_device(x, weight=weight, a=a, s=s, b=b, bias=bias, core=core,
+                        out_scale=out_scale)
+    scaling = _checks.scaling(scaling)
+    x, weight, bias = _dispatch.autocast_base(x, weight, bias)
+    backend = _dispatch.resolve_backend(backend, x)
+    x2 = x.reshape(-1, in_features)
+    if backend == "torch":
+        strategy = "torch"
+    else:
+        from svk.kernels._common import MAX_EPILOGUE_RANK, rank_pad
+        strategy = _dispatch.choose_strategy(x2.shape[0], in_features, out_features,
+                                             rank_pad(r), MAX_EPILOGUE_RANK)
+    y = sv_linear_op(x2, weight, a, s, b, bias, core, out_scale, scaling, strategy)
+    return y.reshape(*x.shape[:-1], out_features)
