@@ -1,0 +1,176 @@
+"""Skinny product t = x·aᵀ with Mo-SARA's router and mixture as its epilogue.
+
+Per row (token) of x:
+
+    t      = x·aᵀ                               (r,)   the frozen top-k down projection
+    c      = t·gate_in                          ()     Mo-SARA Eq. 6, first factor
+    logits = c · gate_out                       (m,)   Eq. 6: a rank-1 router
+    g      = softmax(logits)                    (m,)   over the heads, max-subtracted
+    s_eff  = g·lambdas                          (r,)   Eq. 5 collapsed: Σ_i g_i Λ_i
+    u      = t ⊙ s_eff                          (r,)   what the up projection consumes
+
+Only t (M, r), g (M, m) and u (M, r) are written, all fp32.
+
+Why two loops over the rank. The rank of Mo-SARA is large (k ≈ 800–1000 on 4096-wide
+weights), so t does not fit one register tile, and the router needs the full dot product c
+before any head weight, hence before any element of u, is known. Each program owns BLOCK_M
+rows and walks the rank twice:
+
+1. over rank tiles of width BLOCK_R: accumulate the t tile over K (x·aᵀ), store it, and add
+   its share t_tile·gate_in_tile to the per-row scalar c, which lives in registers;
+2. the router on (BLOCK_M, m) in registers (logits, max-subtracted exp, normalise), store g;
+3. over rank tiles again: read the t tile back (the program's own writes, a few KB, still in
+   L1/L2), s_eff_tile = g·lambdas_tile as one small tl.dot with the heads padded to
+   BLOCK_H ≥ 16, store u_tile = t_tile ⊙ s_eff_tile.
+
+Extra traffic over a plain x·aᵀ is one read of t, (M, r) fp32, and no (M, out) or (M, m, r)
+tensor ever exists. A barrier separates 1 and 3 because the threads that read a t element
+back need not be those that stored it.
+
+Parallelism. Steps 1–3 put the whole rank of BLOCK_M rows in one program, so the grid has
+only cdiv(M, BLOCK_M) programs. Where that would leave the GPU's SMs idle (M below a few
+thousand rows for BLOCK_M = 64 on an H100), the launcher instead computes t with the x_at
+kernel, whose grid also splits the rank, and runs this kernel with T_GIVEN: step 1 then only
+reads t back to form c. The same choice can be forced with `fuse_t=` (tests cover both).
+"""
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from svk.kernels._common import (INTERPRET, LAUNCHES, check_device, configs, dot_precision,
+                                 m_bucket)
+from svk.kernels.x_at import x_at
+
+_CONFIGS = configs(
+    [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk, "BLOCK_R": br}, num_warps=w, num_stages=st)
+     for bm, bk, br, w, st in [(16, 128, 128, 4, 3), (32, 64, 128, 4, 3), (64, 64, 128, 8, 3),
+                               (64, 128, 64, 4, 3), (128, 64, 64, 8, 3), (128, 32, 128, 8, 2)]],
+    # Under the interpreter: BLOCK_R = 16 so that test ranks (5, 37) exercise both a single
+    # rank tile and the multi-tile loops.
+    {"BLOCK_M": 16, "BLOCK_K": 32, "BLOCK_R": 16},
+)
+
+# Rows per program assumed by the launcher's fuse-or-split rule (the autotuned value may
+# differ; the rule only needs the order of magnitude).
+_TYPICAL_BLOCK_M = 64
+
+
+@triton.autotune(configs=_CONFIGS, key=["M_BUCKET", "K", "R", "BLOCK_H", "T_GIVEN"])
+@triton.jit
+def _x_at_router_kernel(
+    X, A, GATE_IN, GATE_OUT, LAMBDAS, T, G, U,
+    M, K, R, H, M_BUCKET,
+    stride_xm, stride_xk, stride_ar, stride_ak, stride_lh, stride_lr,
+    stride_tm, stride_tr, stride_gm, stride_gh, stride_um, stride_ur,
+    T_GIVEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rs = tl.arange(0, BLOCK_R)
+    ks = tl.arange(0, BLOCK_K)
+    heads = tl.arange(0, BLOCK_H)
+    row_ok = rows < M
+    head_ok = heads < H
+
+    # 1. t = x·aᵀ tile by tile, and c = t·gate_in accumulated per row.
+    c = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        rank_ok = (r0 + rs) < R
+        t_ptrs = T + rows[:, None] * stride_tm + (r0 + rs)[None, :] * stride_tr
+        t_mask = row_ok[:, None] & rank_ok[None, :]
+        if T_GIVEN:
+            t = tl.load(t_ptrs, mask=t_mask, other=0.0)
+        else:
+            t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                k_ok = (k0 + ks) < K
+                x = tl.load(X + rows[:, None] * stride_xm + (k0 + ks)[None, :] * stride_xk,
+                            mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                # aᵀ tile (BLOCK_K, BLOCK_R); tl.dot wants one dtype, the activations' one.
+                a_t = tl.load(A + (r0 + rs)[None, :] * stride_ar + (k0 + ks)[:, None] * stride_ak,
+                              mask=k_ok[:, None] & rank_ok[None, :], other=0.0)
+                t = tl.dot(x, a_t.to(x.dtype), t, input_precision=DOT_PRECISION)
+            tl.store(t_ptrs, t, mask=t_mask)
+        gate_in = tl.load(GATE_IN + r0 + rs, mask=rank_ok, other=0.0).to(tl.float32)
+        c += tl.sum(t * gate_in[None, :], axis=1)
+
+    # 2. Mo-SARA Eq. 6: logits = c ⊗ gate_out, softmax over the m heads. Padded heads get
+    # -inf so they take no probability mass; subtracting the row maximum keeps exp finite.
+    gate_out = tl.load(GATE_OUT + heads, mask=head_ok, other=0.0).to(tl.float32)
+    logits = c[:, None] * gate_out[None, :]
+    logits = tl.where(head_ok[None, :], logits, float("-inf"))
+    e = tl.exp(logits - tl.max(logits, axis=1)[:, None])
+    g = e / tl.sum(e, axis=1)[:, None]
+    tl.store(G + rows[:, None] * stride_gm + heads[None, :] * stride_gh, g,
+             mask=row_ok[:, None] & head_ok[None, :])
+
+    if not T_GIVEN:
+        # The t tiles stored in step 1 are read back below by other threads of this program.
+        tl.debug_barrier()
+
+    # 3. Eq. 5 collapsed: s_eff = g·lambdas, u = t ⊙ s_eff, one rank tile at a time.
+    for r0 in range(0, R, BLOCK_R):
+        rank_ok = (r0 + rs) < R
+        t_mask = row_ok[:, None] & rank_ok[None, :]
+        t = tl.load(T + rows[:, None] * stride_tm + (r0 + rs)[None, :] * stride_tr,
+                    mask=t_mask, other=0.0)
+        lam = tl.load(LAMBDAS + heads[:, None] * stride_lh + (r0 + rs)[None, :] * stride_lr,
+                      mask=head_ok[:, None] & rank_ok[None, :], other=0.0).to(tl.float32)
+        s_eff = tl.dot(g, lam, input_precision="ieee")
+        tl.store(U + rows[:, None] * stride_um + (r0 + rs)[None, :] * stride_ur, t * s_eff,
+                 mask=t_mask)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index):
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _fuse_t_by_default(x):
+    """One launch when its row tiles alone fill the GPU; otherwise x_at's rank-split grid."""
+    if INTERPRET or x.device.type != "cuda":
+        return True
+    return triton.cdiv(x.shape[0], _TYPICAL_BLOCK_M) >= _sm_count(x.device.index or 0)
+
+
+def x_at_router(x, a, gate_in, gate_out, lambdas, *, fuse_t=None):
+    """t = x·aᵀ, g = softmax((t·gate_in) ⊗ gate_out), u = t ⊙ (g·lambdas), all fp32.
+
+    x (M, K) activations (fp32/fp16/bf16); a (R, K); gate_in (R,); gate_out (H,);
+    lambdas (H, R); adapter tensors in any float dtype. Returns (t (M, R), g (M, H), u (M, R)).
+    fuse_t: compute t inside this kernel (True) or with the x_at kernel first (False);
+    None picks by the number of row tiles (see the module docstring).
+    """
+    check_device(x, a, gate_in, gate_out, lambdas)
+    assert x.dim() == 2 and a.dim() == 2 and lambdas.dim() == 2, "x, a, lambdas must be 2-D"
+    M, K = x.shape
+    R, H = a.shape[0], lambdas.shape[0]
+    assert a.shape[1] == K and tuple(lambdas.shape) == (H, R)
+    assert gate_in.shape == (R,) and gate_out.shape == (H,)
+    # Vectors are indexed without strides; they are tiny, so copying a strided view costs nothing.
+    gate_in, gate_out = gate_in.contiguous(), gate_out.contiguous()
+    if fuse_t is None:
+        fuse_t = _fuse_t_by_default(x)
+    if fuse_t:
+        t = torch.empty((M, R), device=x.device, dtype=torch.float32)
+    else:
+        t, _ = x_at(x, a)
+    g = torch.empty((M, H), device=x.device, dtype=torch.float32)
+    u = torch.empty_like(t)
+    if M == 0:
+        return t, g, u
+    # The heads ride on tl.dot's K dimension in step 3, which needs ≥ 16.
+    block_h = max(16, triton.next_power_of_2(H))
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)
+    LAUNCHES["x_at_router"] += 1
+    _x_at_router_kernel[grid](
+        x, a, gate_in, gate_out, lambdas, t, g, u,
+        M, K, R, H, m_bucket(M),
+        x.stride(0), x.stride(1), a.stride(0), a.stride(1), lambdas.stride(0), lambdas.stride(1),
+        t.stride(0), t.stride(1), g.stride(0), g.stride(1), u.stride(0), u.stride(1),
+        T_GIVEN=not fuse_t, DOT_PRECISION=dot_precision(x.dtype), BLOCK_H=block_h,
+    )
+    return t, g, u
