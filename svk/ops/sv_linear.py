@@ -12,19 +12,25 @@ import torch
 from svk.ops import _checks, _dispatch
 from svk.ops._library import differentiable_op
 
-def _b_eff(b, out_scale, scaling):
-    b_eff = b.float() * scaling
-    return b_eff if out_scale is None else b_eff * out_scale.float()[:, None]
+def acc_dtype(x):
+    """Adapter math runs in fp32 (fp64 for fp64 inputs, so gradcheck sees no fp32 noise)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _b_eff(b, out_scale, scaling, acc):
+    b_eff = b.to(acc) * scaling
+    return b_eff if out_scale is None else b_eff * out_scale.to(acc)[:, None]
 
 
 def _forward(x, weight, a, s, b, bias, core, out_scale, scaling, strategy):
     """Returns (y, t): y in x's dtype, t = x·aᵀ in fp32 (saved for backward)."""
-    b_eff = _b_eff(b, out_scale, scaling)
+    acc = acc_dtype(x)
+    b_eff = _b_eff(b, out_scale, scaling, acc)
     if strategy == "torch":
-        t = torch.nn.functional.linear(x, a.to(x.dtype)).float()
-        u = t * s.float()
+        t = torch.nn.functional.linear(x, a.to(x.dtype)).to(acc)
+        u = t * s.to(acc)
         if core is not None:
-            u = u @ core.float().t()
+            u = u @ core.to(acc).t()
         y = torch.nn.functional.linear(x, weight, bias)
         return torch.addmm(y, u.to(x.dtype), b_eff.to(x.dtype).t()), t
     from svk import kernels
@@ -39,24 +45,25 @@ def _forward(x, weight, a, s, b, bias, core, out_scale, scaling, strategy):
 
 def _merged_weight(weight, a, s, b_eff, core):
     """W_eff = W + b_eff·core·diag(s)·a, transient: rebuilt in backward, never kept."""
-    right = a.float() * s.float()[:, None]
+    right = a.to(b_eff.dtype) * s.to(b_eff.dtype)[:, None]
     if core is not None:
-        right = core.float() @ right
-    return torch.addmm(weight.float(), b_eff, right).to(weight.dtype)
+        right = core.to(b_eff.dtype) @ right
+    return torch.addmm(weight.to(b_eff.dtype), b_eff, right).to(weight.dtype)
 
 
 def _backward(dy, x, weight, a, s, b, bias, core, out_scale, t, scaling, strategy, needs):
     """Gradients of (x, weight, a, s, b, bias, core, out_scale); see SVLinearFunction."""
     need_x, need_w, need_a, need_s, need_b, need_bias, need_core, need_os = needs
-    b_eff = _b_eff(b, out_scale, scaling)
-    sf = s.float()
+    acc = acc_dtype(x)
+    b_eff = _b_eff(b, out_scale, scaling, acc)
+    sf = s.to(acc)
     triton_path = strategy != "torch"
     if triton_path:
         from svk import kernels
         du, _ = kernels.x_at(dy, b_eff, a_transposed=True)
     else:
-        du = (dy @ b_eff.to(dy.dtype)).float()
-    dp = du @ core.float() if core is not None else du
+        du = (dy @ b_eff.to(dy.dtype)).to(acc)
+    dp = du @ core.to(acc) if core is not None else du
     dt = dp * sf
     p = t * sf
     grads = [None] * 8
@@ -78,12 +85,12 @@ def _backward(dy, x, weight, a, s, b, bias, core, out_scale, t, scaling, strateg
     if need_b or need_os:
         # G = dyᵀ·u (out, r) gives both db = scaling·out_scale ⊙ G and
         # d_out_scale = scaling·rowsum(b ⊙ G): one reduction over M, no (M, out) tensor.
-        u = p @ core.float().t() if core is not None else p
-        g = (dy.t() @ u.to(dy.dtype)).float() * scaling
+        u = p @ core.to(acc).t() if core is not None else p
+        g = (dy.t() @ u.to(dy.dtype)).to(acc) * scaling
         if need_b:
-            grads[4] = (g if out_scale is None else g * out_scale.float()[:, None]).to(b.dtype)
+            grads[4] = (g if out_scale is None else g * out_scale.to(acc)[:, None]).to(b.dtype)
         if need_os:
-            grads[7] = (b.float() * g).sum(1).to(out_scale.dtype)
+            grads[7] = (b.to(acc) * g).sum(1).to(out_scale.dtype)
     if need_bias:
         grads[5] = dy.sum(0)
     if need_core:
@@ -99,7 +106,7 @@ sv_linear_op = differentiable_op(
     extras=("t",),
     forward=_forward,
     backward=_backward,
-    fake_extras=lambda x, weight, a, *_: [((x.shape[0], a.shape[0]), torch.float32)],
+    fake_extras=lambda x, weight, a, *_: [((x.shape[0], a.shape[0]), acc_dtype(x))],
 )
 
 
