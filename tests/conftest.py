@@ -1,11 +1,13 @@
 import os
 
-# Triton's interpreter must be switched on before any kernel module is imported: every Triton
-# kernel then runs on CPU tensors, so CI (no GPU) still tests each of them.
-os.environ.setdefault("TRITON_INTERPRET", "0" if os.environ.get("SVK_TEST_CUDA") == "1" else "1")
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+# Without a GPU, Triton's interpreter runs every kernel on CPU tensors, so CI still tests each
+# of them. It must be switched on before any kernel module is imported (importing torch does not
+# import them). With a GPU the same tests run on CUDA tensors through the compiled kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)

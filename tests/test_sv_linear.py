@@ -9,7 +9,7 @@ import svk
 from svk import reference
 from svk.kernels._common import LAUNCHES
 from svk.ops import _dispatch
-from tests.utils import FLOOR, assert_close_to_oracle, rel_err
+from tests.utils import DEVICE, FLOOR, assert_close_to_oracle, rel_err
 
 NAMES = ("x", "weight", "a", "s", "b", "bias", "core", "out_scale")
 
@@ -33,7 +33,7 @@ def make_inputs(lead=(2, 7), in_f=67, out_f=33, r=5, dtype=torch.float32, adapte
             continue
         shape, dt = item
         scale = in_f ** -0.5 if name in ("weight", "a") else 1.0
-        value = (torch.randn(shape, dtype=torch.float64) * scale).to(dt)
+        value = (torch.randn(shape, dtype=torch.float64) * scale).to(DEVICE, dt)
         tensors[name] = value.requires_grad_(name in trainable)
     return tensors
 
@@ -58,7 +58,7 @@ def check_against_oracle(t, scaling, dtype, **kw):
     y_same = call(reference.sv_linear, same, scaling)
     assert y.dtype == t["x"].dtype and y.shape == y64.shape
     assert_close_to_oracle(y, y64, y_same, dtype, "y")
-    weight = torch.randn(y.shape, dtype=torch.float64)
+    weight = torch.randn(y.shape, dtype=torch.float64, device=y.device)
     wanted = [n for n in NAMES if t[n] is not None and t[n].requires_grad]
     if not wanted:
         return
@@ -160,7 +160,7 @@ def test_checker_catches_a_flipped_gradient(dtype):
 
 def test_autocast_bf16_with_fp32_model():
     t = make_inputs(trainable=("core", "x"))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
         y = call(svk.sv_linear, t, 1.0)
     assert y.dtype == torch.bfloat16
     y64 = call(reference.sv_linear, as_dtype(t, torch.float64), 1.0)
@@ -219,8 +219,13 @@ def test_forced_triton_really_launches(monkeypatch, strategy, kernels):
     assert launched == kernels
 
 
+def on_cpu(t):
+    return {k: None if v is None else v.detach().cpu().requires_grad_(v.requires_grad)
+            for k, v in t.items()}
+
+
 def test_torch_and_auto_on_cpu_launch_nothing():
-    t = make_inputs()
+    t = on_cpu(make_inputs())
     before = LAUNCHES.copy()
     call(svk.sv_linear, t, 1.0, backend="torch").sum().backward()
     call(svk.sv_linear, t, 1.0).sum().backward()
@@ -237,7 +242,7 @@ def test_env_backend_changes_auto(monkeypatch):
 def test_forced_triton_without_interpreter_raises(monkeypatch):
     monkeypatch.setattr(_dispatch, "interpreter_on", lambda: False)
     with pytest.raises(RuntimeError, match="backend='triton' cannot run"):
-        call(svk.sv_linear, make_inputs(), 1.0, backend="triton")
+        call(svk.sv_linear, on_cpu(make_inputs()), 1.0, backend="triton")
 
 
 def test_triton_rejects_float64():
@@ -253,7 +258,7 @@ def _bad(**changes):
 
 
 @pytest.mark.parametrize("changes,error,match", [
-    (dict(a=torch.randn(5, 66)), ValueError, r"a must have shape \(r, in=67\)"),
+    (dict(a=torch.randn(5, 66, device=DEVICE)), ValueError, r"a must have shape \(r, in=67\)"),
     (dict(s=torch.randn(4)), ValueError, r"s must have shape \(5,\)"),
     (dict(b=torch.randn(33, 4)), ValueError, r"b must have shape \(33, 5\)"),
     (dict(b=torch.randn(5, 33)), ValueError, r"b must have shape \(33, 5\)"),

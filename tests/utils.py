@@ -1,6 +1,9 @@
 """Shared helpers for the op tests: float64 oracle comparison with per-dtype tolerances."""
 import torch
 
+# Tests run on the GPU when there is one (compiled kernels), else on CPU (interpreter).
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
 # Relative Frobenius error an op may show against the float64 oracle, at least. Each is a few
 # units of the dtype's rounding (fp32 ε = 1.2e-7, fp16 ε = 9.8e-4, bf16 ε = 7.8e-3) times the
 # √K growth of a K-long fp32-accumulated dot product at the test sizes (K ≤ 128):
