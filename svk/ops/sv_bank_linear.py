@@ -1,0 +1,244 @@
+"""svk.sv_bank_linear: many LoRA-XS adapters on one frozen layer, mixed in one batch.
+
+    t = x·aᵀ                      (M, r)   shared by every adapter
+    p = t ⊙ s
+    u_i = p_i·cores[id_i]ᵀ         (M, r)   one gathered r×r matvec per row; id −1 → u_i = 0
+    y = x·Wᵀ + bias + u·b_effᵀ,    b_eff = scaling·b   (out, r)
+
+The per-row work between the two shared dense products is an r×r matvec, so the cost and the
+number of kernel launches do not depend on how many distinct adapters a batch holds.
+
+Strategies (backend="triton"): "one_pass" for 1–256 rows (one launch: xw_plus_xa_gather_core_b),
+"fused" above (x_at_gather_core, then xw_plus_ub; two launches). backend="native" runs the
+GEMMs in PyTorch and the gathered r×r step in svk's compiled op (csrc/, svk._native); it is
+there for comparison and for CUDA machines without Triton. backend="auto": Triton on CUDA when
+it is usable, else the native op when it is already built, else PyTorch; PyTorch on CPU. This
+rule is provisional until benchmarks/test_bench_bank.py has been run on a GPU.
+
+Adapter ids: an integer tensor shaped x.shape[:-1] (one id per row) or (x.shape[0],) (one per
+sequence). −1 selects the base layer. Out-of-range ids are an error, never a wrong adapter:
+on CPU they raise ValueError before anything runs; on CUDA checking them on the host would
+cost a synchronisation per layer, so the op queues a device-side assertion instead
+(torch._assert_async: no host sync, CUDA-graph capturable; a bad id fails the step with a
+device-side assert), and every kernel reads nothing for an id outside [0, n_adapters).
+AdapterBank.activate validates ids once per batch on the host, with a clear message.
+"""
+import os
+
+import torch
+import torch.nn.functional as F
+
+from svk.ops import _checks, _dispatch
+from svk.ops._library import differentiable_op
+
+ONE_PASS_MAX_ROWS = 256
+_INTEGER_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+def _valid_rows(ids, n_adapters):
+    return (ids >= 0) & (ids < n_adapters)
+
+
+def _gather(cores, ids):
+    """cores[id_i] in fp32 for every row (M, r, r), zero for rows outside [0, n)."""
+    valid = _valid_rows(ids, cores.shape[0])
+    gathered = cores.float()[torch.where(valid, ids, 0)]
+    return gathered * valid[:, None, None]
+
+
+def _core_rows(p, cores, ids, strategy, *, transpose=False):
+    """u_i = p_i·cores[id_i]ᵀ (transpose: p_i·cores[id_i]) in fp32; zero rows for id −1."""
+    if strategy == "native":
+        from svk import _native
+        return _native.gather_core(p, cores, ids, transpose)
+    if strategy in ("fused", "one_pass"):
+        from svk import kernels  # noqa: F401
+        from svk.kernels.gather_core import gather_core
+        return gather_core(p, cores, ids, transpose=transpose)
+    gathered = _gather(cores, ids)
+    if not transpose:
+        gathered = gathered.transpose(1, 2)
+    return torch.bmm(p.float()[:, None, :], gathered)[:, 0]
+
+
+def _forward(x, weight, a, s, b, bias, cores, ids, scaling, strategy):
+    """Returns (y, t): y in x's dtype, t = x·aᵀ in fp32 (saved for backward)."""
+    b_eff = b.float() * scaling
+    if strategy == "one_pass":
+        from svk.kernels.xw_plus_xa_gather_core_b import xw_plus_xa_gather_core_b
+        return xw_plus_xa_gather_core_b(x, weight, a, s, cores, ids, b_eff, bias)
+    if strategy == "fused":
+        from svk import kernels
+        from svk.kernels.x_at_gather_core import x_at_gather_core
+        t, u = x_at_gather_core(x, a, s, cores, ids)
+        return kernels.xw_plus_ub(x, weight, u, b_eff, bias), t
+    t = F.linear(x, a.to(x.dtype)).float()
+    u = _core_rows(t * s.float(), cores, ids, strategy)
+    y = F.linear(x, weight, bias)
+    return torch.addmm(y, u.to(x.dtype), b_eff.to(x.dtype).t()), t
+
+
+def _backward(dy, x, weight, a, s, b, bias, cores, ids, t, scaling, strategy, needs):
+    """Gradients of (x, weight, a, s, b, bias, cores, adapter_ids).
+
+    With ĝ = dy and valid_i = [0 ≤ id_i < n]:
+      du = valid ⊙ scaling·dy·b            (M, r)  one pass over dy
+      dp_i = du_i·cores[id_i] ;  dt = dp ⊙ s ;  ds = Σ_i dp_i ⊙ t_i
+      dcores[n] = Σ_{i: id_i = n} du_iᵀ·p_i  (a scatter-add of r×r outer products)
+      dx = dy·W + dt·a ;  da = dtᵀ·x ;  db = scaling·dyᵀ·u ;  dW = dyᵀ·x ;  dbias = Σ_i dy_i
+    dcores uses index_add_: on CUDA its float atomics make the summation order (and so the
+    last bits) vary between runs; the result is exact up to that rounding.
+    """
+    need_x, need_w, need_a, need_s, need_b, need_bias, need_cores, _ = needs
+    b_eff = b.float() * scaling
+    sf = s.float()
+    triton_path = strategy in ("fused", "one_pass")
+    valid = _valid_rows(ids, cores.shape[0])
+    if triton_path:
+        from svk import kernels
+        du, _ = kernels.x_at(dy, b_eff, a_transposed=True)
+    else:
+        du = (dy @ b_eff.to(dy.dtype)).float()
+    du = du * valid[:, None]
+    p = t * sf
+    grads = [None] * 8
+    dp = _core_rows(du, cores, ids, strategy, transpose=True) if (
+        need_x or need_a or need_s) else None
+    dt = dp * sf if dp is not None else None
+    if need_x:
+        if triton_path:
+            grads[0] = kernels.xw_plus_ub(dy, weight, dt, a, w_transposed=True,
+                                          v_transposed=True)
+        else:
+            grads[0] = torch.addmm(dy @ weight, dt.to(dy.dtype), a.to(dy.dtype))
+    if need_w:
+        grads[1] = dy.t() @ x
+    if need_a:
+        grads[2] = (dt.to(x.dtype).t() @ x).to(a.dtype)
+    if need_s:
+        grads[3] = (dp * t).sum(0).to(s.dtype)
+    if need_b:
+        u = _core_rows(p, cores, ids, strategy)
+        grads[4] = ((dy.t() @ u.to(dy.dtype)).float() * scaling).to(b.dtype)
+    if need_bias:
+        grads[5] = dy.sum(0)
+    if need_cores:
+        outer = du[:, :, None] * p[:, None, :]
+        dcores = torch.zeros(cores.shape, device=cores.device, dtype=torch.float32)
+        dcores.index_add_(0, torch.where(valid, ids, 0), outer)
+        grads[6] = dcores.to(cores.dtype)
+    return grads
+
+
+sv_bank_linear_op = differentiable_op(
+    "sv_bank_linear",
+    args=("x", "weight", "a", "s", "b", "bias", "cores", "adapter_ids"),
+    optional=("bias",),
+    scalars=(("scaling", "float"),),
+    extras=("t",),
+    forward=_forward,
+    backward=_backward,
+    fake_extras=lambda x, weight, a, *_: [((x.shape[0], a.shape[0]), torch.float32)],
+)
+
+
+def _check_adapter_ids(adapter_ids, x, n_adapters):
+    """Returns the ids flattened to one int64 per row of x.reshape(-1, in)."""
+    if not isinstance(adapter_ids, torch.Tensor):
+        raise TypeError(f"adapter_ids must be an integer torch.Tensor, got "
+                        f"{type(adapter_ids).__name__}")
+    if adapter_ids.dtype not in _INTEGER_DTYPES:
+        raise TypeError(f"adapter_ids must be an integer tensor (int8/16/32/64, uint8), got "
+                        f"dtype {adapter_ids.dtype}")
+    if adapter_ids.device != x.device:
+        raise ValueError(f"adapter_ids is on {adapter_ids.device} but x is on {x.device}; "
+                         "all tensors of one call must be on the same device")
+    rows = tuple(x.shape[:-1])
+    ids_shape = tuple(adapter_ids.shape)
+    if ids_shape == rows:
+        flat = adapter_ids.reshape(-1)
+    elif x.dim() >= 2 and ids_shape == (x.shape[0],):
+        view = adapter_ids.view(x.shape[0], *([1] * (x.dim() - 2)))
+        flat = view.expand(rows).reshape(-1)
+    else:
+        per_sequence = f" or {(x.shape[0],)} (one per sequence)" if x.dim() >= 2 else ""
+        raise ValueError(f"adapter_ids must have shape {rows} (one id per row of x){per_sequence}"
+                         f", got {ids_shape} for x of shape {tuple(x.shape)}")
+    flat = flat.to(torch.int64)
+    if flat.numel() == 0:
+        return flat
+    if flat.device.type == "cpu":
+        low, high = int(flat.min()), int(flat.max())
+        if low < -1 or high >= n_adapters:
+            bad = low if low < -1 else high
+            raise ValueError(f"adapter_ids holds {bad}, outside [-1, {n_adapters - 1}]: cores has "
+                             f"{n_adapters} adapters and -1 selects the base layer")
+    else:
+        ok = ((flat >= -1) & (flat < n_adapters)).all()
+        torch._assert_async(ok, f"sv_bank_linear: adapter_ids outside [-1, {n_adapters - 1}]")
+    return flat
+
+
+def _resolve(backend, x, rows, rank):
+    if backend == "native":
+        from svk import _native
+        ok, reason = _native.status()["gather_core_" + ("cuda" if x.is_cuda else "cpu")]
+        if not ok and not _native.ensure_built(x.device):
+            raise RuntimeError(f"backend='native' cannot run: {_native.status()}")
+        return "native"
+    if backend == "auto" and x.device.type == "cuda" and os.environ.get(
+            "SVK_BACKEND", "auto") == "auto" and not _dispatch.triton_usable(x.device)[0]:
+        from svk import _native
+        return "native" if _native.loaded(x.device) else "torch"
+    backend = _dispatch.resolve_backend(backend, x)
+    if backend == "torch":
+        return "torch"
+    from svk.kernels._common import MAX_EPILOGUE_RANK, rank_pad
+    forced = _dispatch.forced_strategy()
+    if forced == "one_pass" and rank_pad(rank) > MAX_EPILOGUE_RANK:
+        raise ValueError(f"SVK_STRATEGY=one_pass needs rank ≤ {MAX_EPILOGUE_RANK}")
+    if forced in ("one_pass", "fused"):
+        return forced
+    # "merged" has no bank form (every row has its own W_eff); it means "fused" here.
+    if forced is None and rows <= ONE_PASS_MAX_ROWS and rank_pad(rank) <= MAX_EPILOGUE_RANK:
+        return "one_pass"
+    return "fused"
+
+
+def sv_bank_linear(x, weight, a, s, b, cores, adapter_ids, *, bias=None, scaling=1.0,
+                   backend="auto"):
+    """y_i = x_i·Wᵀ + bias + scaling·((x_i·aᵀ ⊙ s)·cores[id_i]ᵀ)·bᵀ per row (DESIGN.md §2).
+
+    x (..., in); weight (out, in) and bias (out,) in x's dtype; a (r, in), s (r,), b (out, r)
+    the frozen LoRA-XS factors shared by every adapter; cores (n_adapters, r, r) one trainable
+    core per adapter, in any float dtype; adapter_ids an integer tensor of shape x.shape[:-1]
+    (one id per row) or (x.shape[0],) (one per sequence), −1 = the base layer's output.
+    Products accumulate in fp32; y has x's dtype. Differentiable in every float tensor that
+    requires grad: dcores scatters each row's outer product du_iᵀ·p_i into cores[id_i], so one
+    mixed batch trains many users' adapters. Saves x and one (M, r) fp32 tensor for backward.
+    backend: "auto", "triton", "torch" or "native" (compiled gathered-core op, see svk.info).
+    """
+    out_features, in_features = _checks.base_layer(x, weight, bias)
+    for name, value in (("a", a), ("s", s), ("b", b), ("cores", cores)):
+        _checks.tensor(name, value)
+    if a.dim() != 2 or a.shape[1] != in_features:
+        raise ValueError(f"a must have shape (r, in={in_features}), got {tuple(a.shape)}")
+    r = a.shape[0]
+    if r == 0:
+        raise ValueError("a has rank 0; the adapter needs r ≥ 1")
+    _checks.shape("s", s, (r,), "r")
+    _checks.shape("b", b, (out_features, r), "out, r")
+    if cores.dim() != 3 or tuple(cores.shape[1:]) != (r, r):
+        raise ValueError(f"cores must have shape (n_adapters, r={r}, r={r}), got "
+                         f"{tuple(cores.shape)}")
+    _checks.same_device(x, weight=weight, a=a, s=s, b=b, bias=bias, cores=cores)
+    scaling = _checks.scaling(scaling)
+    if backend not in _dispatch.BACKENDS + ("native",):
+        raise ValueError(f"backend must be one of {_dispatch.BACKENDS + ('native',)}, "
+                         f"got {backend!r}")
+    ids = _check_adapter_ids(adapter_ids, x, cores.shape[0])
+    x, weight, bias = _dispatch.autocast_base(x, weight, bias)
+    x2 = x.reshape(-1, in_features)
+    strategy = _resolve(backend, x, x2.shape[0], r)
+    y = sv_bank_linear_op(x2, weight, a, s, b, bias, cores, ids, scaling, strategy)
+    return y.reshape(*x.shape[:-1], out_features)
