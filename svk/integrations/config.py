@@ -1,0 +1,136 @@
+"""svk.AdapterConfig: which layers to adapt, with which method and hyperparameters."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import numbers
+import re
+from dataclasses import dataclass, field
+
+HPARAM_NAMES = ("rank", "alpha", "tau", "heads", "perc", "criterion", "beta", "gamma")
+CRITERIA = ("sum", "energy")
+BACKENDS = ("auto", "triton", "torch")
+
+
+def _methods():
+    from svk.nn import METHODS
+    return METHODS
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def validate_hparams(method: str, hp: dict) -> None:
+    """Raises ValueError/TypeError naming the hyperparameter and the value seen."""
+    def fail(name, rule):
+        raise ValueError(f"{method}: {name} must be {rule}, got {hp[name]!r}")
+
+    for name in ("rank", "heads"):
+        if name in hp:
+            if isinstance(hp[name], bool) or not isinstance(hp[name], numbers.Integral):
+                raise TypeError(f"{method}: {name} must be an int, got {hp[name]!r}")
+            if hp[name] < 1:
+                fail(name, "≥ 1")
+    for name in ("alpha", "tau", "perc", "beta", "gamma"):
+        if name in hp and not _is_number(hp[name]):
+            raise TypeError(f"{method}: {name} must be a number, got {hp[name]!r}")
+    if "alpha" in hp and not hp["alpha"] > 0:
+        fail("alpha", "> 0")
+    if "tau" in hp and not 0 < hp["tau"] <= 1:
+        fail("tau", "in (0, 1]")
+    if "perc" in hp and not 0 <= hp["perc"] < 1:
+        fail("perc", "in [0, 1)")
+    for name in ("beta", "gamma"):
+        if name in hp and not hp[name] >= 0:
+            fail(name, "≥ 0")
+    if "criterion" in hp and hp["criterion"] not in CRITERIA:
+        fail("criterion", f"one of {CRITERIA}")
+
+
+@dataclass
+class AdapterConfig:
+    """Which layers to adapt and how.
+
+    method: "lora_xs" | "sara" | "mosara" | "kasa" | "siva" | "lora" | "pissa".
+    target_modules: a list of module names, each matching a module whose qualified name equals
+        it or ends with "." + it (e.g. ["q_proj", "v_proj"]), or one regex string that must
+        match the whole qualified name (e.g. r".*\\.(query|value)"). Only nn.Linear and GPT-2
+        Conv1D modules are adapted.
+    Hyperparameters (None = the method's paper default; giving one the method does not use is
+    an error): rank, alpha (LoRA-XS, KaSA, LoRA), tau (SARA 0.01, Mo-SARA 0.5), heads (Mo-SARA
+    5), perc and criterion (SiVA 0.95, "sum" | "energy"), beta and gamma (KaSA 1e-4, 1e-3).
+    backend: passed to the fused ops ("auto" | "triton" | "torch").
+    seed: seeds the randomized SVD and the random initial factors, so that injecting the same
+        config into the same base model gives the same adapter (None: global RNG).
+    """
+
+    method: str
+    target_modules: list[str] | str
+    rank: int | None = None
+    alpha: float | None = None
+    tau: float | None = None
+    heads: int | None = None
+    perc: float | None = None
+    criterion: str | None = None
+    beta: float | None = None
+    gamma: float | None = None
+    backend: str = "auto"
+    seed: int | None = 0
+    _pattern: re.Pattern | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        methods = _methods()
+        if self.method not in methods:
+            raise ValueError(f"method must be one of {sorted(methods)}, got {self.method!r}")
+        cls = methods[self.method]
+        given = {name for name in HPARAM_NAMES if getattr(self, name) is not None}
+        unused = sorted(given - set(cls.HPARAMS))
+        if unused:
+            raise ValueError(f"method {self.method!r} takes {sorted(cls.HPARAMS)}; "
+                             f"{unused} must be left as None")
+        cls.resolve_hparams(**{name: getattr(self, name) for name in given})
+        if isinstance(self.target_modules, str):
+            try:
+                self._pattern = re.compile(self.target_modules)
+            except re.error as error:
+                raise ValueError(f"target_modules is not a valid regex "
+                                 f"({self.target_modules!r}): {error}") from None
+        elif isinstance(self.target_modules, (list, tuple, set)):
+            if not self.target_modules or not all(isinstance(t, str) and t
+                                                  for t in self.target_modules):
+                raise ValueError("target_modules must be a non-empty list of module names, got "
+                                 f"{self.target_modules!r}")
+            self.target_modules = list(self.target_modules)
+        else:
+            raise TypeError(f"target_modules must be a list of names or a regex string, got "
+                            f"{type(self.target_modules).__name__}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.seed is not None and (isinstance(self.seed, bool)
+                                      or not isinstance(self.seed, numbers.Integral)):
+            raise TypeError(f"seed must be an int or None, got {self.seed!r}")
+
+    @property
+    def method_class(self):
+        return _methods()[self.method]
+
+    def hparams(self) -> dict:
+        """The method's hyperparameters with paper defaults filled in."""
+        return self.method_class.resolve_hparams(
+            **{name: getattr(self, name) for name in HPARAM_NAMES if getattr(self, name) is not None})
+
+    def matches(self, name: str) -> bool:
+        if self._pattern is not None:
+            return self._pattern.fullmatch(name) is not None
+        return any(name == t or name.endswith("." + t) for t in self.target_modules)
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "AdapterConfig":
+        return cls(**json.loads(text))

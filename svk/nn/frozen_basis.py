@@ -1,0 +1,129 @@
+"""Methods that keep W's own singular vectors frozen and train something small between them:
+LoRA-XS, SiVA, Mo-SARA.
+
+    LoRA-XS  a = Vh[:r], s = S[:r], b = U[:, :r] frozen; trains core (r, r) ~ N(0, 1e-5²)
+             scaling alpha/r
+    SiVA     k = tail(S, perc) per layer; a = Vh[-k:], b = U[:, -k:] frozen; trains s (k,),
+             the change of W's k smallest singular values, from 0                 scaling 1
+    Mo-SARA  k = threshold(S, tau) per layer; a = Vh[:k], b = U[:, :k] frozen (no S); trains
+             lambdas (m, k) ~ N(0, 1), the rank-1 router gate_in (k,), gate_out (m,) (nn.Linear
+             init) and out_scale (out,) = 0                                       scaling 1
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from svk.nn import _spectral
+from svk.nn.base import SVLinear, adapter_dtype, normal, uniform
+from svk.ops.sv_mixture_linear import sv_mixture_linear
+
+
+class LoRAXSLinear(SVLinear):
+    """LoRA-XS (Bałazy et al. 2024): only an r×r core between W's frozen top-r singular
+    vectors trains (r² parameters per layer)."""
+
+    method = "lora_xs"
+    HPARAMS = {"rank": 16, "alpha": 16.0}
+    TRAINABLE = ("core",)
+
+    @classmethod
+    def init_factors(cls, W, hp, *, generator=None):
+        r = hp["rank"]
+        U, S, Vh = _spectral.top(W, r, generator=generator)
+        dtype = adapter_dtype(W.dtype)
+        return [{"a": Vh[i].to(dtype), "s": S[i].to(dtype), "b": U[i].to(dtype),
+                 "core": normal((r, r), 1e-5, generator=generator, device=W.device,
+                                dtype=dtype)}
+                for i in range(W.shape[0])]
+
+    @classmethod
+    def scaling_for(cls, hp, rank):
+        return hp["alpha"] / rank
+
+
+class SiVALinear(SVLinear):
+    """SiVA: trains only the change of W's k smallest singular values, along W's own
+    singular vectors; k per layer from ``perc`` (tail rule)."""
+
+    method = "siva"
+    HPARAMS = {"perc": 0.95, "criterion": "sum"}
+    TRAINABLE = ("s",)
+
+    @classmethod
+    def init_factors(cls, W, hp, *, generator=None):
+        ranks = _spectral.tail(_spectral.spectrum(W), hp["perc"], hp["criterion"])
+        U, _, Vh = _spectral.bottom(W, max(ranks))
+        dtype = adapter_dtype(W.dtype)
+        # bottom() returns the last k_max triplets in descending order: a layer's bottom k are
+        # the last k of them.
+        return [{"a": Vh[i, -k:].to(dtype), "b": U[i, :, -k:].to(dtype),
+                 "s": torch.zeros(k, device=W.device, dtype=dtype)}
+                for i, k in enumerate(ranks)]
+
+
+class MoSARALinear(SVLinear):
+    """Mo-SARA: m heads of singular values mixed per token by a rank-1 router (Eq. 5–6),
+    between W's frozen top-k singular vectors, times a trainable per-output scale.
+
+    Set ``record_gates = True`` to keep the last forward's mean router gate per head in
+    ``last_gates`` (m,), for inspection and plots."""
+
+    method = "mosara"
+    HPARAMS = {"tau": 0.5, "heads": 5}
+    TRAINABLE = ("lambdas", "gate_in", "gate_out", "out_scale")
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.record_gates = False
+        self.last_gates: Tensor | None = None
+
+    @classmethod
+    def init_factors(cls, W, hp, *, generator=None):
+        ranks = _spectral.threshold(_spectral.spectrum(W), hp["tau"])
+        U, _, Vh = _spectral.top(W, max(ranks), generator=generator)
+        m = hp["heads"]
+        dtype = adapter_dtype(W.dtype)
+        draw = dict(generator=generator, device=W.device, dtype=dtype)
+        return [{"a": Vh[i, :k].to(dtype), "b": U[i, :, :k].to(dtype),
+                 "lambdas": normal((m, k), 1.0, **draw),
+                 # like nn.Linear(k, 1).weight and nn.Linear(1, m).weight
+                 "gate_in": uniform((k,), 1.0 / math.sqrt(k), **draw),
+                 "gate_out": uniform((m,), 1.0, **draw),
+                 "out_scale": torch.zeros(W.shape[1], device=W.device, dtype=dtype)}
+                for i, k in enumerate(ranks)]
+
+    @property
+    def heads(self) -> int:
+        return self.lambdas.shape[0]
+
+    def forward(self, x: Tensor) -> Tensor:
+        y, gates = _mixture(x, self.weight, self.a, self.lambdas, self.gate_in, self.gate_out,
+                            self.b, bias=self.bias, out_scale=self.out_scale,
+                            scaling=self.scaling, backend=self.backend,
+                            return_gates=self.record_gates)
+        if self.record_gates:
+            self.last_gates = gates.detach().float().reshape(-1, self.heads).mean(0)
+        return y
+
+    def delta_weight(self) -> Tensor:
+        raise RuntimeError("Mo-SARA's update depends on each token through its router gate, so "
+                           "it has no single delta weight and cannot be merged")
+
+    def merge(self, exact: bool = True) -> None:
+        raise RuntimeError("Mo-SARA cannot be merged: its update depends on each token through "
+                           "the router gate (Eq. 6), so no single weight reproduces it")
+
+    def unmerge(self) -> None:
+        raise RuntimeError("Mo-SARA layers are never merged")
+
+
+def _mixture(x, weight, a, lambdas, gate_in, gate_out, b, *, bias, out_scale, scaling, backend,
+             return_gates):
+    """One call of the fused Mo-SARA op; (y, gates (…, m) or None)."""
+    out = sv_mixture_linear(x, weight, a, lambdas, gate_in, gate_out, b, bias=bias,
+                            out_scale=out_scale, scaling=scaling, backend=backend,
+                            return_gates=return_gates)
+    return out if return_gates else (out, None)
