@@ -33,7 +33,8 @@ def triton_usable(device):
         return True, ""
     if interpreter_on():
         return True, ""
-    return False, (f"Triton kernels need CUDA tensors; x is on {device}. Set TRITON_INTERPRET=1 "
+    return False, (f"Triton kernels need CUDA tensors; the tensors are on {device}. "
+                   "Set TRITON_INTERPRET=1 "
                    "before importing svk to run them on CPU through Triton's interpreter")
 
 

@@ -32,7 +32,7 @@ def _forward(x, weight, a, s, b, bias, core, out_scale, scaling, strategy):
         if core is not None:
             u = u @ core.to(acc).t()
         y = torch.nn.functional.linear(x, weight, bias)
-        return torch.addmm(y, u.to(x.dtype), b_eff.to(x.dtype).t()), t
+        return y.addmm_(u.to(x.dtype), b_eff.to(x.dtype).t()), t
     from svk import kernels
     if strategy == "one_pass":
         return kernels.xw_plus_xasb(x, weight, a, b_eff, bias, s=s, core=core)
