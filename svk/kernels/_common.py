@@ -7,14 +7,7 @@ import triton
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-# Largest padded rank the r-sized epilogue keeps in registers (t, s, core in one tile).
-MAX_EPILOGUE_RANK = 128
-
-
-def rank_pad(r: int) -> int:
-    """tl.dot needs every dimension ≥ 16 and a power of two for the block."""
-    return max(16, triton.next_power_of_2(r))
-
+from svk.kernels._limits import MAX_EPILOGUE_RANK, rank_pad  # noqa: F401  (re-exported)
 
 def m_bucket(m: int) -> int:
     """Autotune key for the row count: powers of two, so a new batch size rarely retunes."""

@@ -9,6 +9,7 @@ product added to the base GEMM's accumulator; no (M, out) intermediate exists.
 """
 import torch
 
+from svk.kernels._limits import MAX_EPILOGUE_RANK, rank_pad
 from svk.ops import _checks, _dispatch
 from svk.ops._library import differentiable_op
 
@@ -143,7 +144,6 @@ def sv_linear(x, weight, a, s, b, *, bias=None, core=None, out_scale=None, scali
     if backend == "torch":
         strategy = "torch"
     else:
-        from svk.kernels._common import MAX_EPILOGUE_RANK, rank_pad
         strategy = _dispatch.choose_strategy(x2.shape[0], in_features, out_features,
                                              rank_pad(r), MAX_EPILOGUE_RANK)
     y = sv_linear_op(x2, weight, a, s, b, bias, core, out_scale, scaling, strategy)
