@@ -9,8 +9,9 @@
 // declared in gather_core_cpu.cpp, which is always compiled alongside this file.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 namespace {
@@ -57,7 +58,7 @@ at::Tensor gather_core_cuda(const at::Tensor& p, const at::Tensor& cores, const 
   const int64_t stride_k = transpose ? cores.stride(1) : cores.stride(2);
   const int threads = static_cast<int>(std::min<int64_t>(256, ((rank + 31) / 32) * 32));
   const size_t shared = static_cast<size_t>(rank) * sizeof(float);
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, cores.scalar_type(), "gather_core",
                                   [&] {
     gather_core_kernel<scalar_t><<<rows, threads, shared, stream>>>(
