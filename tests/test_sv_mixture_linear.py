@@ -8,7 +8,7 @@ import torch
 from svk import reference
 from svk.kernels import x_at_router as router_module
 from svk.kernels._common import LAUNCHES
-from svk.kernels.x_at_router import x_at_router
+from svk.kernels.x_at_router import x_at_router, x_at_router_backward
 from svk.ops import _dispatch
 from svk.ops.sv_mixture_linear import sv_mixture_linear
 
@@ -237,6 +237,38 @@ def test_x_at_router_kernel_against_float64(fuse_t, dtype, M, K, R, H):
         assert rel_err(value, oracle) < 1e-5, name
 
 
+@pytest.mark.parametrize("need_dt,u_dtype", [(True, torch.float16), (False, None),
+                                             (True, torch.float32)])
+@pytest.mark.parametrize("M,R,H", [(7, 5, 1), (7, 37, 5), (33, 37, 9), (40, 48, 16)])
+def test_x_at_router_backward_kernel_against_float64(need_dt, u_dtype, M, R, H):
+    """The fused router backward against _backward's formulas in float64. Inputs and outputs
+    are fp32 except u (rounded once to u_dtype): 1e-5 relative, or fp16's ε for u."""
+    t, du = torch.randn(M, R, device=DEVICE), torch.randn(M, R, device=DEVICE)
+    gate_in, gate_out = torch.randn(R, device=DEVICE) * R ** -0.5, torch.randn(H, device=DEVICE)
+    lambdas = torch.randn(H, R, device=DEVICE)
+    g = torch.softmax((t @ gate_in)[:, None] * gate_out, dim=-1)
+    dt, u, dlambdas, dgate_in, dgate_out = x_at_router_backward(
+        du, t, g, gate_in, gate_out, lambdas, need_dt=need_dt, u_dtype=u_dtype)
+    t64, du64, g64, gi64, go64, lam64 = (v.double() for v in (t, du, g, gate_in, gate_out,
+                                                                lambdas))
+    ds_eff = du64 * t64
+    dg = ds_eff @ lam64.t()
+    dz = g64 * (dg - (g64 * dg).sum(-1, keepdim=True))
+    dc = dz @ go64
+    assert rel_err(dlambdas, g64.t() @ ds_eff) < 1e-5
+    assert rel_err(dgate_in, t64.t() @ dc) < 1e-5
+    assert rel_err(dgate_out, dz.t() @ (t64 @ gi64)) < 1e-5
+    if need_dt:
+        assert rel_err(dt, du64 * (g64 @ lam64) + dc[:, None] * gi64) < 1e-5
+    else:
+        assert dt is None
+    if u_dtype is None:
+        assert u is None
+    else:
+        assert u.dtype == u_dtype
+        assert rel_err(u, t64 * (g64 @ lam64)) < (1e-3 if u_dtype == torch.float16 else 1e-5)
+
+
 def test_x_at_router_softmax_is_stable_for_large_logits():
     """Logits of ±1e3 overflow a naive exp; the kernel subtracts the row maximum."""
     x = torch.randn(9, 32, device=DEVICE)
@@ -309,8 +341,9 @@ def test_triton_really_launches(monkeypatch, strategy):
     before = LAUNCHES.copy()
     call(sv_mixture_linear, t, 1.0, backend="triton").sum().backward()
     launched = {k: v - before.get(k, 0) for k, v in LAUNCHES.items() if v != before.get(k, 0)}
-    # forward: x_at_router + xw_plus_ub; backward: x_at (du = dy·b_eff) + xw_plus_ub (dx)
-    assert launched == {"x_at_router": 1, "xw_plus_ub": 2, "x_at": 1}
+    # forward: x_at_router + xw_plus_ub; backward: x_at (du = dy·b_eff), the router's
+    # backward, xw_plus_ub (dx)
+    assert launched == {"x_at_router": 1, "xw_plus_ub": 2, "x_at": 1, "x_at_router_bwd": 1}
 
 
 def on_cpu(t):

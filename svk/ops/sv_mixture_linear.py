@@ -47,6 +47,18 @@ def _router(t, gate_in, gate_out, lambdas):
     return g, t * (g @ lambdas.to(t.dtype))
 
 
+def _router_backward(du, t, g, gate_in, gate_out, lambdas):
+    """(dt, dlambdas, dgate_in, dgate_out) from du = dy·b_eff, in t's dtype; the formulas of
+    _backward as PyTorch ops on (M, r) and (M, m) tensors (x_at_router_backward fuses them)."""
+    lam, gi = lambdas.to(t.dtype), gate_in.to(t.dtype)
+    ds_eff = du * t
+    dg = ds_eff @ lam.t()
+    dz = g * (dg - (g * dg).sum(-1, keepdim=True))
+    dc = dz @ gate_out.to(t.dtype)
+    dt = torch.addcmul(du * (g @ lam), dc[:, None], gi[None, :])
+    return dt, g.t() @ ds_eff, t.t() @ dc, dz.t() @ (t @ gi)
+
+
 def _forward(x, weight, a, lambdas, gate_in, gate_out, b, bias, out_scale, scaling, strategy):
     """Returns (y, t, g): y in x's dtype; t (M, r) and g (M, m) in fp32 (fp64 for fp64 x)."""
     b_eff = _b_eff(b, out_scale, scaling, _acc_dtype(x))
@@ -83,48 +95,49 @@ def _backward(dy, x, weight, a, lambdas, gate_in, gate_out, b, bias, out_scale, 
 
     Everything but the products with dy and x is (M, r) or (M, m) work on the saved t and g
     (u and s_eff are recomputed from them); no (M, out) tensor other than dy itself exists.
+    On the Triton backend that work is one kernel, x_at_router_backward (t and du read twice,
+    dt and u written once); the "torch" strategy runs the same formulas as PyTorch ops.
     """
     need_x, need_w, need_a, need_lam, need_gi, need_go, need_b, need_bias, need_os = needs
     acc = t.dtype
-    triton_path = strategy != "torch"
     b_eff = _b_eff(b, out_scale, scaling, acc)
-    lam = lambdas.to(acc)
-    s_eff = g @ lam
+    need_dt = need_x or need_a
+    need_u = need_b or need_os
     grads = [None] * len(_ARGS)
-    if need_x or need_a or need_lam or need_gi or need_go:
-        if triton_path:
-            from svk.kernels import x_at
-            du, _ = x_at(dy, b_eff, a_transposed=True)
-        else:
+    dt = u = None
+    if need_dt or need_lam or need_gi or need_go:
+        if strategy == "torch":
             du = (dy @ b_eff.to(dy.dtype)).to(acc)
-        ds_eff = du * t
+            dt, dlambdas, dgate_in, dgate_out = _router_backward(du, t, g, gate_in, gate_out,
+                                                                  lambdas)
+        else:
+            from svk.kernels import x_at
+            from svk.kernels.x_at_router import x_at_router_backward
+            du, _ = x_at(dy, b_eff, a_transposed=True)
+            dt, u, dlambdas, dgate_in, dgate_out = x_at_router_backward(
+                du, t, g, gate_in, gate_out, lambdas, need_dt=need_dt,
+                u_dtype=dy.dtype if need_u else None)
         if need_lam:
-            grads[3] = (g.t() @ ds_eff).to(lambdas.dtype)
-        if need_x or need_a or need_gi or need_go:
-            dg = ds_eff @ lam.t()
-            dz = g * (dg - (g * dg).sum(-1, keepdim=True))
-            gi = gate_in.to(acc)
-            if need_go:
-                grads[5] = (dz.t() @ (t @ gi)).to(gate_out.dtype)
-            dc = dz @ gate_out.to(acc)
-            if need_gi:
-                grads[4] = (t.t() @ dc).to(gate_in.dtype)
-            if need_x or need_a:
-                dt = torch.addcmul(du * s_eff, dc[:, None], gi[None, :])
-                if need_x:
-                    if triton_path:
-                        from svk.kernels import xw_plus_ub
-                        grads[0] = xw_plus_ub(dy, weight, dt, a, w_transposed=True,
-                                              v_transposed=True)
-                    else:
-                        grads[0] = torch.addmm(dy @ weight, dt.to(dy.dtype), a.to(dy.dtype))
-                if need_a:
-                    grads[2] = (dt.to(x.dtype).t() @ x).to(a.dtype)
+            grads[3] = dlambdas.to(lambdas.dtype)
+        if need_gi:
+            grads[4] = dgate_in.to(gate_in.dtype)
+        if need_go:
+            grads[5] = dgate_out.to(gate_out.dtype)
+    if need_x:
+        if strategy == "torch":
+            grads[0] = torch.addmm(dy @ weight, dt.to(dy.dtype), a.to(dy.dtype))
+        else:
+            from svk.kernels import xw_plus_ub
+            grads[0] = xw_plus_ub(dy, weight, dt, a, w_transposed=True, v_transposed=True)
+    if need_a:
+        grads[2] = (dt.to(x.dtype).t() @ x).to(a.dtype)
     if need_w:
         grads[1] = dy.t() @ x
-    if need_b or need_os:
+    if need_u:
+        if u is None:
+            u = (t * (g @ lambdas.to(acc))).to(dy.dtype)
         # G = dyᵀ·u (out, r) gives both db and d_out_scale without an (M, out) tensor.
-        big_g = (dy.t() @ (t * s_eff).to(dy.dtype)).to(acc) * scaling
+        big_g = (dy.t() @ u).to(acc) * scaling
         if need_b:
             grads[6] = (big_g if out_scale is None
                         else big_g * out_scale.to(acc)[:, None]).to(b.dtype)
