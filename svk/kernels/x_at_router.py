@@ -32,6 +32,12 @@ only cdiv(M, BLOCK_M) programs. Where that would leave the GPU's SMs idle (M bel
 thousand rows for BLOCK_M = 64 on an H100), the launcher instead computes t with the x_at
 kernel, whose grid also splits the rank, and runs this kernel with T_GIVEN: step 1 then only
 reads t back to form c. The same choice can be forced with `fuse_t=` (tests cover both).
+
+Backward (_x_at_router_bwd_kernel): given du = dy·b_eff (from the x_at kernel), the router's
+backward is again r-sized per row, with the same shape of dependency (the softmax Jacobian
+needs dg over the whole rank before dc, hence dt, is known), so it walks the rank twice too:
+dg, c, the block's share of dlambdas and u in the first sweep; dz, dc and the block's share of
+dgate_out in between; dt and the block's share of dgate_in in the second sweep.
 """
 import functools
 
@@ -133,7 +139,8 @@ def _fuse_t_by_default(x):
     """One launch when its row tiles alone fill the GPU; otherwise x_at's rank-split grid."""
     if INTERPRET or x.device.type != "cuda":
         return True
-    return triton.cdiv(x.shape[0], _TYPICAL_BLOCK_M) >= _sm_count(x.device.index or 0)
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    return triton.cdiv(x.shape[0], _TYPICAL_BLOCK_M) >= _sm_count(index)
 
 
 def x_at_router(x, a, gate_in, gate_out, lambdas, *, fuse_t=None):
