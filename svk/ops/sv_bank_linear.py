@@ -42,7 +42,8 @@ def _valid_rows(ids, n_adapters):
 def _gather(cores, ids):
     """cores[id_i] in fp32 for every row (M, r, r), zero for rows outside [0, n)."""
     valid = _valid_rows(ids, cores.shape[0])
-    gathered = cores.float()[torch.where(valid, ids, 0)]
+    # Gather first, then convert: converting the whole bank would copy every adapter.
+    gathered = cores[torch.where(valid, ids, 0)].float()
     return gathered * valid[:, None, None]
 
 
