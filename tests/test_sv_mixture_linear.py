@@ -392,6 +392,21 @@ def test_opcheck_torch_path():
     torch.library.opcheck(torch.ops.svk.sv_mixture_linear.default, args)
 
 
+@pytest.mark.slow
+def test_compile_fullgraph_torch_path():
+    """Validation, dispatch and return_gates trace without graph breaks (PyTorch path; the
+    Triton path compiles on a GPU only, see test_gpu_compile_fullgraph_with_gates)."""
+    t = on_cpu(make_inputs(lead=(2, 5), in_f=16, out_f=12, r=6, m=3,
+                           trainable=MOSARA_TRAINABLE))
+    fn = lambda tt: call(sv_mixture_linear, tt, 0.5, backend="torch", return_gates=True)  # noqa: E731
+    y, gates = torch.compile(fn, fullgraph=True)(t)
+    eager_y, eager_gates = fn(t)
+    torch.testing.assert_close(y, eager_y)
+    torch.testing.assert_close(gates, eager_gates)
+    y.sum().backward()
+    assert t["gate_in"].grad is not None
+
+
 # -- bad input -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("changes,error,match", [
