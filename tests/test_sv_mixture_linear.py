@@ -398,7 +398,9 @@ def test_compile_fullgraph_torch_path():
     Triton path compiles on a GPU only, see test_gpu_compile_fullgraph_with_gates)."""
     t = on_cpu(make_inputs(lead=(2, 5), in_f=16, out_f=12, r=6, m=3,
                            trainable=MOSARA_TRAINABLE))
-    fn = lambda tt: call(sv_mixture_linear, tt, 0.5, backend="torch", return_gates=True)  # noqa: E731
+
+    def fn(tensors):
+        return call(sv_mixture_linear, tensors, 0.5, backend="torch", return_gates=True)
     y, gates = torch.compile(fn, fullgraph=True)(t)
     eager_y, eager_gates = fn(t)
     torch.testing.assert_close(y, eager_y)
