@@ -11,17 +11,8 @@ import torch
 
 from svk.kernels._limits import MAX_EPILOGUE_RANK, rank_pad
 from svk.ops import _checks, _dispatch
+from svk.ops._common import acc_dtype, b_eff as _b_eff, down_projection_rank
 from svk.ops._library import differentiable_op
-
-def acc_dtype(x):
-    """Adapter math runs in fp32 (fp64 for fp64 inputs, so gradcheck sees no fp32 noise)."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def _b_eff(b, out_scale, scaling, acc):
-    b_eff = b.to(acc) * scaling
-    return b_eff if out_scale is None else b_eff * out_scale.to(acc)[:, None]
-
 
 def _forward(x, weight, a, s, b, bias, core, out_scale, scaling, strategy):
     """Returns (y, t): y in x's dtype, t = x·aᵀ in fp32 (saved for backward)."""
@@ -126,11 +117,7 @@ def sv_linear(x, weight, a, s, b, *, bias=None, core=None, out_scale=None, scali
         _checks.tensor(name, value)
     _checks.tensor("core", core, optional=True)
     _checks.tensor("out_scale", out_scale, optional=True)
-    if a.dim() != 2 or a.shape[1] != in_features:
-        raise ValueError(f"a must have shape (r, in={in_features}), got {tuple(a.shape)}")
-    r = a.shape[0]
-    if r == 0:
-        raise ValueError("a has rank 0; the adapter needs r ≥ 1")
+    r = down_projection_rank(a, in_features)
     _checks.shape("s", s, (r,), "r")
     _checks.shape("b", b, (out_features, r), "out, r")
     _checks.shape("core", core, (r, r), "r, r")

@@ -25,19 +25,12 @@ import torch
 import torch.nn.functional as F
 
 from svk.ops import _checks, _dispatch
+from svk.ops._common import acc_dtype as _acc_dtype
+from svk.ops._common import b_eff as _b_eff
+from svk.ops._common import down_projection_rank
 from svk.ops._library import differentiable_op
 
 _ARGS = ("x", "weight", "a", "lambdas", "gate_in", "gate_out", "b", "bias", "out_scale")
-
-
-def _acc_dtype(x):
-    """fp32 accumulation, except float64 stays float64 so gradcheck sees exact formulas."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def _b_eff(b, out_scale, scaling, dtype):
-    b_eff = b.to(dtype) * scaling
-    return b_eff if out_scale is None else b_eff * out_scale.to(dtype)[:, None]
 
 
 def _router(t, gate_in, gate_out, lambdas):
@@ -157,7 +150,8 @@ sv_mixture_linear_op = differentiable_op(
     forward=_forward,
     backward=_backward,
     fake_extras=lambda x, weight, a, lambdas, *_: [
-        ((x.shape[0], a.shape[0]), _acc_dtype(x)), ((x.shape[0], lambdas.shape[0]), _acc_dtype(x))],
+        ((x.shape[0], a.shape[0]), _acc_dtype(x)),
+        ((x.shape[0], lambdas.shape[0]), _acc_dtype(x))],
 )
 
 
@@ -196,11 +190,7 @@ def sv_mixture_linear(x, weight, a, lambdas, gate_in, gate_out, b, *, bias=None,
                         ("gate_out", gate_out), ("b", b)):
         _checks.tensor(name, value)
     _checks.tensor("out_scale", out_scale, optional=True)
-    if a.dim() != 2 or a.shape[1] != in_features:
-        raise ValueError(f"a must have shape (r, in={in_features}), got {tuple(a.shape)}")
-    r = a.shape[0]
-    if r == 0:
-        raise ValueError("a has rank 0; the adapter needs r ≥ 1")
+    r = down_projection_rank(a, in_features)
     if lambdas.dim() != 2 or lambdas.shape[1] != r:
         raise ValueError(f"lambdas must have shape (m, r={r}) (one set of singular values per "
                          f"head), got {tuple(lambdas.shape)}")
