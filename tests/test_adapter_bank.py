@@ -85,7 +85,8 @@ def test_per_token_ids_and_tensor_ids(setup):
         bank.add(f"user{k}", path)
     x = prompts(3)
     per_sequence = torch.tensor([1, 0, -1])
-    with bank.activate(per_sequence):
+    with bank.activate(per_sequence) as served:
+        assert served is per_sequence      # int64 on the model's device: used as it is
         a = model(x).logits
     with bank.activate(per_sequence[:, None].expand(3, 6)):
         b = model(x).logits

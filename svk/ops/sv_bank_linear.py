@@ -17,7 +17,8 @@ rule is provisional until benchmarks/test_bench_bank.py has been run on a GPU.
 
 Adapter ids: an integer tensor shaped x.shape[:-1] (one id per row) or (x.shape[0],) (one per
 sequence). −1 selects the base layer. Out-of-range ids are an error, never a wrong adapter:
-on CPU they raise ValueError before anything runs; on CUDA checking them on the host would
+on CPU they raise ValueError before anything runs (eagerly; under torch.compile the device-side
+check below, so that the graph does not break); on CUDA checking them on the host would
 cost a synchronisation per layer, so the op queues a device-side assertion instead
 (torch._assert_async: no host sync, CUDA-graph capturable; a bad id fails the step with a
 device-side assert), and every kernel reads nothing for an id outside [0, n_adapters).
@@ -168,7 +169,7 @@ def _check_adapter_ids(adapter_ids, x, n_adapters):
     flat = flat.to(torch.int64)
     if flat.numel() == 0:
         return flat
-    if flat.device.type == "cpu":
+    if flat.device.type == "cpu" and not torch.compiler.is_compiling():
         low, high = int(flat.min()), int(flat.max())
         if low < -1 or high >= n_adapters:
             bad = low if low < -1 else high

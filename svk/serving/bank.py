@@ -264,6 +264,10 @@ class AdapterBank:
                                                                       torch.complex128):
                 raise TypeError(f"adapter ids must be an integer tensor, got {adapters.dtype}")
             host = adapters.detach().to("cpu", torch.int64)     # one copy per batch, not per layer
+            device = next(iter(self.layers.values())).weight.device
+            if adapters.device == device and adapters.dtype == torch.int64:
+                self._validate(host)
+                return adapters, host        # the caller's tensor itself: see activate()
         else:
             if isinstance(adapters, (str, int)):
                 raise TypeError("activate takes one id per sequence (a list or a tensor), got "
@@ -279,6 +283,11 @@ class AdapterBank:
                 else:
                     raise TypeError(f"adapter ids are names, slots or -1, got {item!r}")
             host = torch.tensor(values, dtype=torch.int64)
+        self._validate(host)
+        device = next(iter(self.layers.values())).weight.device
+        return host.to(device, non_blocking=True), host
+
+    def _validate(self, host):
         bad = host[(host < -1) | (host >= self.capacity)]
         if bad.numel():
             raise ValueError(f"adapter id {int(bad[0])} is outside [-1, {self.capacity - 1}] "
@@ -287,8 +296,6 @@ class AdapterBank:
         if empty.numel():
             raise ValueError(f"adapter slot {int(empty[0])} is empty (never added, or removed): "
                              "serving it would give the base model silently")
-        device = next(iter(self.layers.values())).weight.device
-        return host.to(device, non_blocking=True), host
 
     @contextlib.contextmanager
     def activate(self, adapter_ids):
@@ -298,6 +305,10 @@ class AdapterBank:
         model), or an integer tensor of slots shaped (batch,) or (batch, seq_len) (one per token,
         for a single forward; generate() needs one per sequence). Validated here, once per
         batch, on the host: a CUDA tensor costs one device-to-host copy.
+
+        An int64 tensor already on the model's device is served as it is (not copied), so a
+        captured CUDA graph can keep reading one static ids tensor: update it in place
+        (`static_ids.copy_(new_ids)`) and re-enter `activate(static_ids)` to validate it.
         """
         ids, host = self._resolve_ids(adapter_ids)
         previous = (self._active, getattr(self, "_active_host", None))
