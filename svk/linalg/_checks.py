@@ -1,10 +1,19 @@
-"""Argument checks and the sign convention shared by every svk.linalg routine."""
+"""Argument checks, the result type and the sign convention shared by svk.linalg."""
 from __future__ import annotations
 
 import numbers
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
+
+
+class SVDResult(NamedTuple):
+    """Singular triplets W ≈ U·diag(S)·Vh; unpacks like torch.linalg.svd's result."""
+
+    U: Tensor
+    S: Tensor
+    Vh: Tensor
 
 
 def check_matrix(W, name: str = "W") -> None:

@@ -23,58 +23,85 @@ spectra (MiniLM-L6's query weight: σ₁₆/σ₂₆ ≈ 0.88), and power iterat
 (σ_{l+1}/σ_r)^(2q). Measured on MiniLM-L6 (query 384×384, intermediate 1536×384) at ranks
 4–64 with oversample 10: subspace iteration needs q = 12 for the top-r values to reach 4e-3
 relative at rank 64, while block Krylov reaches 3e-5 at q = 4 and ~1e-6 (fp32 round-off) at
-q = 6, for fewer matrix products. See ``DEFAULT_N_ITER`` for the measurement behind the
+q = 6, for fewer matrix products. See ``default_n_iter`` for the measurement behind the
 defaults.
 """
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 from torch import Tensor
 
-from ._checks import canonical_signs, check_count, check_matrix, check_rank
+from ._checks import SVDResult, canonical_signs, check_count, check_matrix, check_rank
 
-# Defaults chosen by measurement (tests/test_linalg.py re-checks them; the numbers below came
-# from a sweep over all 36 MiniLM-L6 weight matrices (384×384, 1536×384, 384×1536) at ranks 1,
-# 2, 4, 8, 16, 32, 64 and over synthetic power-law spectra with condition number 1e3–1e4,
-# 3 seeds each, against float64 torch.linalg.svd):
-#   n_iter = 3: worst top-r value error 2.6e-3, worst Frobenius excess 1.5e-4  -> misses 1e-3
-#   n_iter = 4: worst top-r value error 1.1e-4, worst Frobenius excess 4.1e-6
-#   n_iter = 5: worst top-r value error 3.5e-6, worst Frobenius excess 1.1e-7
-# The contract is 1e-3 / 0.1 %; n_iter = 5 leaves a ~300× margin for weights with flatter
-# spectra than MiniLM's at about 1.2× the cost of n_iter = 4.
-DEFAULT_OVERSAMPLE = 10
-DEFAULT_N_ITER = 5
+# Defaults, chosen by measurement against float64 torch.linalg.svdvals (2 seeds each): all 36
+# MiniLM-L6 encoder weights (384×384, 1536×384, 384×1536) at ranks 1, 4, 16, 32, and synthetic
+# 1024×2048 and 2048×2048 matrices carrying the (interpolated) spectra of MiniLM's flattest
+# weights (layer 5 value, layer 4 output) at ranks 16 and 64. Worst top-r value error / worst
+# Frobenius excess over the optimal rank-r error:
+#   oversample 10,           n_iter = ceil(1.2·√(p/l)):  2.2e-3 / 7.9e-5   (misses 1e-3)
+#   oversample max(10, r),   n_iter = ceil(1.2·√(p/l)):  1.8e-3 / 5.9e-5   (misses 1e-3)
+#   oversample 10,           n_iter = ceil(1.6·√(p/l)):  1.6e-4 / 5.1e-6
+#   oversample max(10, r),   n_iter = ceil(1.6·√(p/l)):  6.9e-5 / 1.4e-6   <- defaults
+# A fixed n_iter does not carry over across sizes: with oversample 10, n_iter = 6 reaches 3.7e-5
+# on the 384-wide MiniLM weights but 1.6e-3 on the 1024×2048 proxy at rank 16. Krylov methods
+# converge in ~1/√gap iterations (Musco & Musco 2015, Thm. 1), and for a fixed spectral profile
+# the relative gap σ_r/σ_{r+oversample} − 1 shrinks like oversample/p, hence n_iter ∝ √(p/l);
+# the work, ∝ (r + oversample)·n_iter ∝ (r + oversample)/√oversample, is smallest near
+# oversample = r.
+_N_ITER_SCALE = 1.6
+
+
+def default_oversample(rank: int) -> int:
+    """Default extra sketch columns: max(10, rank), i.e. sketch width l = max(rank + 10, 2·rank)."""
+    return max(10, rank)
+
+
+def default_n_iter(p: int, l: int) -> int:
+    """Default block Krylov iterations for a basis on the side of size p with block width l."""
+    return max(1, math.ceil(_N_ITER_SCALE * math.sqrt(p / l)))
 
 
 def rsvd(W: Tensor, rank: int, *, oversample: int | None = None, n_iter: int | None = None,
-         generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
+         generator: torch.Generator | None = None) -> SVDResult:
     """Top-``rank`` singular triplets of W (or of each matrix of a stack), in float32.
 
     Args:
         W: (m, n) or (..., m, n), any floating dtype (bf16/fp16 are upcast to fp32 once, in
             the working copy), CPU or CUDA. Must be finite.
         rank: number of triplets, 1 <= rank <= min(m, n).
-        oversample: extra sketch columns, sketch width l = rank + oversample
-            (default ``DEFAULT_OVERSAMPLE`` = 10).
-        n_iter: block Krylov iterations (default ``DEFAULT_N_ITER`` = 5). 0 gives the plain
-            randomized range finder.
+        oversample: extra sketch columns, sketch width l = rank + oversample (capped at
+            min(m, n)); default ``default_oversample(rank)`` = max(10, rank).
+        n_iter: block Krylov iterations; default ``default_n_iter(min(m, n), l)`` =
+            ceil(1.6·√(min(m, n)/l)) (e.g. 8 for 768×768 at rank 16, 10 for 4096×4096 at rank
+            64). 0 gives the plain randomized range finder.
         generator: torch.Generator for the Gaussian sketch (reproducible results); the global
             RNG when None. Draws happen on the generator's device and are moved to W's.
 
     Returns:
-        U (..., m, rank), S (..., rank) descending, Vh (..., rank, n), all float32, with the
-        sign convention: the largest-|.| entry of each U column is positive.
+        ``SVDResult(U, S, Vh)`` (a named tuple): U (..., m, rank), S (..., rank) descending,
+        Vh (..., rank, n), all float32 on W's device, with the sign convention: the
+        largest-|.| entry of each U column is positive.
 
     All matrices of a stack are processed by one batched computation with an independent
     sketch each. Accuracy on pretrained weights with the defaults: see the module docstring.
     """
     check_matrix(W)
     rank = check_rank(rank, W)
-    oversample = DEFAULT_OVERSAMPLE if oversample is None else check_count(oversample, "oversample")
-    n_iter = DEFAULT_N_ITER if n_iter is None else check_count(n_iter, "n_iter")
+    if oversample is not None:
+        check_count(oversample, "oversample")
+    if n_iter is not None:
+        check_count(n_iter, "n_iter")
+    return _rsvd(W, rank, oversample, n_iter, generator)
 
+
+def _rsvd(W: Tensor, rank: int, oversample: int | None, n_iter: int | None,
+          generator: torch.Generator | None) -> SVDResult:
+    """rsvd without the argument checks (batched_svd checks each weight once)."""
+    if oversample is None:
+        oversample = default_oversample(rank)
     m, n = W.shape[-2:]
     tall = m > n
     A = W.to(torch.float32)
@@ -82,6 +109,8 @@ def rsvd(W: Tensor, rank: int, *, oversample: int | None = None, n_iter: int | N
         A = A.mT                                      # (p, s) with p = n <= s = m
     p, s = A.shape[-2:]
     l = min(rank + oversample, p)
+    if n_iter is None:
+        n_iter = default_n_iter(p, l)
 
     with _full_fp32_matmul(A.device):
         if l * (n_iter + 1) >= p:
@@ -95,7 +124,7 @@ def rsvd(W: Tensor, rank: int, *, oversample: int | None = None, n_iter: int | N
 
     U, Vh = (Vha.mT, Ua.mT) if tall else (Ua, Vha)
     U, Vh = canonical_signs(U, Vh)
-    return U.contiguous(), S.contiguous(), Vh.contiguous()
+    return SVDResult(U.contiguous(), S.contiguous(), Vh.contiguous())
 
 
 def _krylov_basis(A: Tensor, l: int, n_iter: int, generator) -> Tensor:
