@@ -11,8 +11,11 @@ Providers, side by side in one run (DESIGN.md §6–7):
              then that row's GEMM
 Resident adapters 1, 100, 10 000 (and 1 000 000 on CUDA): the bank's size should not change
 the step's time. extra_info records shapes, adapters per GB of core storage, device, versions.
+On CPU the module runs single-threaded (SVK_BENCH_THREADS changes it): decode-sized products
+are too small to gain from threads, and on a shared machine thread scheduling swamps the ratios.
 """
 import copy
+import os
 
 import pytest
 import torch
@@ -32,6 +35,21 @@ LAYER_SHAPES = [(1, 4096, 4096), (16, 4096, 4096), (256, 4096, 4096)] if CUDA el
 RESIDENT = [1, 100, 10_000] + ([1_000_000] if CUDA else [])
 PROVIDERS = ["base", "svk", "native", "reference", "merge"] + (
     ["svk-one_pass", "svk-fused"] if CUDA else [])
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _threads():
+    if CUDA:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(int(os.environ.get("SVK_BENCH_THREADS", "1")))
+    yield
+    torch.set_num_threads(previous)
+
+
+def _rounds(provider):
+    return 5 if provider == "merge" else 30
 
 
 def _native_ok():
@@ -87,7 +105,7 @@ def test_bank_layer_decode(benchmark, monkeypatch, provider, resident, shape):
             if provider == "merge":
                 return merged_rows(x, weight, bias, a, s, b, cores, ids, 1.0)
             return sv_bank_linear(x, weight, a, s, b, cores, ids, bias=bias, backend=backend)
-    measure(benchmark, run, DEVICE, provider=provider, M=m, in_features=in_f,
+    measure(benchmark, run, DEVICE, provider=provider, rounds=_rounds(provider), M=m, in_features=in_f,
             out_features=out_f, rank=RANK, dtype=str(DTYPE), resident_adapters=resident,
             distinct_in_batch=min(m, resident), adapters_per_gb_per_layer=adapters_per_gb(1, DTYPE),
             cores_bytes=cores.numel() * cores.element_size())
@@ -181,7 +199,8 @@ def test_bank_model_decode_step(benchmark, served_models, provider, resident):
             with bank.activate(ids):
                 return served(tokens).logits
     with _Swap(bank, provider, resident):
-        measure(benchmark, run, DEVICE, provider=provider, batch=MODEL_BATCH, **MODEL,
+        measure(benchmark, run, DEVICE, provider=provider, rounds=_rounds(provider),
+                batch=MODEL_BATCH, **MODEL,
                 rank=RANK, dtype=str(DTYPE), resident_adapters=resident,
                 adapted_layers=len(bank.layers),
                 adapters_per_gb=adapters_per_gb(len(bank.layers), bank.layers[

@@ -76,8 +76,8 @@ def _forward(x, weight, a, s, b, bias, cores, ids, scaling, strategy):
         return kernels.xw_plus_ub(x, weight, u, b_eff, bias), t
     t = F.linear(x, a.to(x.dtype)).float()
     u = _core_rows(t * s.float(), cores, ids, strategy)
-    y = F.linear(x, weight, bias)
-    return torch.addmm(y, u.to(x.dtype), b_eff.to(x.dtype).t()), t
+    y = F.linear(x, weight, bias)           # a fresh tensor: the rank-r term adds in place
+    return y.addmm_(u.to(x.dtype), b_eff.to(x.dtype).t()), t
 
 
 def _backward(dy, x, weight, a, s, b, bias, cores, ids, t, scaling, strategy, needs):
