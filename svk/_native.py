@@ -22,7 +22,7 @@ import torch
 PIECES = ("gather_core_cpu", "gather_core_cuda")
 _HERE = Path(__file__).resolve().parent
 _LOCK = threading.Lock()
-_state = {"loaded": None, "error": None, "fake": False}
+_state = {"loaded": None, "error": None, "fake": False, "probed": False}
 
 
 def _source_dir() -> Path | None:
@@ -79,6 +79,9 @@ def _try_prebuilt() -> bool:
     """A build from setup.py or from the cache; never compiles."""
     if _state["loaded"]:
         return True
+    if _state["probed"]:        # looked once already: no file I/O on every op call
+        return False
+    _state["probed"] = True
     candidates = sorted(glob.glob(str(_HERE / "_svk_native*.so")))
     source_dir = _source_dir()
     if source_dir is not None:
@@ -154,9 +157,10 @@ def status() -> dict[str, tuple[bool, str]]:
     for piece, key in (("gather_core_cpu", "CPU"), ("gather_core_cuda", "CUDA")):
         if present and _has_kernel(key):
             result[piece] = (True, f"loaded from {_state['loaded']}")
+        elif key == "CUDA" and not _cuda_wanted()[0]:
+            result[piece] = (False, _cuda_wanted()[1])
         elif present and key == "CUDA":
-            wanted, reason = _cuda_wanted()
-            result[piece] = (False, reason if not wanted else
+            result[piece] = (False,
                              "the loaded build has no CUDA kernel (built without nvcc); "
                              "delete the cache directory to rebuild")
         else:
