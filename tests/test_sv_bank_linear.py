@@ -202,6 +202,17 @@ def test_launches_do_not_depend_on_distinct_adapters(strategy):
     assert counts[0] == counts[1] and sum(counts[0].values()) > 0
 
 
+def test_decode_forward_is_one_launch(monkeypatch):
+    monkeypatch.setenv("SVK_STRATEGY", "one_pass")
+    t = make_inputs(lead=(4, 1), in_f=32, out_f=48, r=8, n=7, requires_grad=False)
+    LAUNCHES.clear()
+    y = _call(t, torch.tensor([6, -1, 0, 3], device=DEVICE), bias=t["bias"], scaling=0.3,
+              backend="triton")
+    assert dict(LAUNCHES) == {"xw_plus_xa_gather_core_b": 1}
+    ids = torch.tensor([6, -1, 0, 3], device=DEVICE)
+    assert rel_err(y, per_row_oracle(t, ids, 0.3)) < 2e-5
+
+
 def test_kernel_gather_core_transpose_and_bad_ids():
     from svk.kernels.gather_core import gather_core
     p = torch.randn(21, 20, device=DEVICE)

@@ -32,7 +32,7 @@ _CONFIGS = configs(
 @triton.jit
 def _xw_plus_xa_gather_core_b_kernel(
     X, W, A, S, CORES, IDS, V, BIAS, T, Y,
-    M, N, K, R, N_ADAPTERS, M_BUCKET,
+    M, N, K, R, N_ADAPTERS, M_BUCKET, SCALING,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak,
     stride_cn, stride_cr, stride_cc, stride_id, stride_vn, stride_vr,
     stride_tm, stride_tr, stride_ym, stride_yn,
@@ -75,7 +75,8 @@ def _xw_plus_xa_gather_core_b_kernel(
         if pid_n == 0:
             tl.store(T + rows[:, None] * stride_tm + ranks[None, :] * stride_tr, t,
                      mask=row_ok[:, None] & rank_ok[None, :])
-    p = t * tl.load(S + ranks, mask=rank_ok, other=0.0).to(tl.float32)[None, :]
+    # scaling folds into s here, so b is read as it is stored (no b_eff tensor per call).
+    p = t * (tl.load(S + ranks, mask=rank_ok, other=0.0).to(tl.float32) * SCALING)[None, :]
     ids = tl.load(IDS + rows * stride_id, mask=row_ok, other=-1)
     u = gathered_core_matvec(p, ranks, ids, CORES, R, N_ADAPTERS, stride_cn, stride_cr,
                              stride_cc)
@@ -89,12 +90,13 @@ def _xw_plus_xa_gather_core_b_kernel(
              acc.to(Y.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-def xw_plus_xa_gather_core_b(x, w, a, s, cores, ids, v, bias=None, *, store_t=True):
-    """One launch: y = x·Wᵀ + ((x·aᵀ ⊙ s)·cores[ids]ᵀ)·vᵀ + bias (rows with id −1: the base
-    output); returns (y, t) with t = x·aᵀ (fp32) when store_t.
+def xw_plus_xa_gather_core_b(x, w, a, s, cores, ids, v, bias=None, *, scaling=1.0,
+                             store_t=True):
+    """One launch: y = x·Wᵀ + scaling·((x·aᵀ ⊙ s)·cores[ids]ᵀ)·vᵀ + bias (rows with id −1:
+    the base output); returns (y, t) with t = x·aᵀ (fp32) when store_t.
 
     x (M, K); w (N, K) in x's dtype; a (R, K); s (R,); cores (n, R, R); ids (M,) integer;
-    v (N, R) (b_eff: scaling folded in); bias (N,). R ≤ 128.
+    v (N, R) (b); bias (N,). R ≤ 128.
     """
     check_device(x, w, a, s, cores, ids, v, bias)
     M, K = x.shape
@@ -110,7 +112,7 @@ def xw_plus_xa_gather_core_b(x, w, a, s, cores, ids, v, bias=None, *, store_t=Tr
     LAUNCHES["xw_plus_xa_gather_core_b"] += 1
     _xw_plus_xa_gather_core_b_kernel[grid](
         x, w, a, s, cores, ids, v, bias if bias is not None else y, t, y,
-        M, N, K, R, cores.shape[0], m_bucket(M),
+        M, N, K, R, cores.shape[0], m_bucket(M), float(scaling),
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), a.stride(0), a.stride(1),
         cores.stride(0), cores.stride(1), cores.stride(2), ids.stride(0),
         v.stride(0), v.stride(1),

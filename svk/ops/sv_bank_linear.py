@@ -22,7 +22,9 @@ check below, so that the graph does not break); on CUDA checking them on the hos
 cost a synchronisation per layer, so the op queues a device-side assertion instead
 (torch._assert_async: no host sync, CUDA-graph capturable; a bad id fails the step with a
 device-side assert), and every kernel reads nothing for an id outside [0, n_adapters).
-AdapterBank.activate validates ids once per batch on the host, with a clear message.
+AdapterBank.activate validates ids once per batch on the host, with a clear message, and
+its layers skip the per-layer device assertion: on the decode path a bank layer is then one
+kernel launch (one_pass reads b as stored and folds scaling into s in registers).
 """
 import os
 
@@ -65,10 +67,10 @@ def _core_rows(p, cores, ids, strategy, *, transpose=False):
 
 def _forward(x, weight, a, s, b, bias, cores, ids, scaling, strategy):
     """Returns (y, t): y in x's dtype, t = x·aᵀ in fp32 (saved for backward)."""
-    b_eff = b.float() * scaling
     if strategy == "one_pass":
         from svk.kernels.xw_plus_xa_gather_core_b import xw_plus_xa_gather_core_b
-        return xw_plus_xa_gather_core_b(x, weight, a, s, cores, ids, b_eff, bias)
+        return xw_plus_xa_gather_core_b(x, weight, a, s, cores, ids, b, bias, scaling=scaling)
+    b_eff = b.float() * scaling
     if strategy == "fused":
         from svk import kernels
         from svk.kernels.x_at_gather_core import x_at_gather_core
@@ -144,7 +146,7 @@ sv_bank_linear_op = differentiable_op(
 )
 
 
-def _check_adapter_ids(adapter_ids, x, n_adapters):
+def _check_adapter_ids(adapter_ids, x, n_adapters, device_check=True):
     """Returns the ids flattened to one int64 per row of x.reshape(-1, in)."""
     if not isinstance(adapter_ids, torch.Tensor):
         raise TypeError(f"adapter_ids must be an integer torch.Tensor, got "
@@ -175,7 +177,7 @@ def _check_adapter_ids(adapter_ids, x, n_adapters):
             bad = low if low < -1 else high
             raise ValueError(f"adapter_ids holds {bad}, outside [-1, {n_adapters - 1}]: cores has "
                              f"{n_adapters} adapters and -1 selects the base layer")
-    else:
+    elif device_check:
         ok = ((flat >= -1) & (flat < n_adapters)).all()
         torch._assert_async(ok, f"sv_bank_linear: adapter_ids outside [-1, {n_adapters - 1}]")
     return flat
@@ -220,6 +222,14 @@ def sv_bank_linear(x, weight, a, s, b, cores, adapter_ids, *, bias=None, scaling
     mixed batch trains many users' adapters. Saves x and one (M, r) fp32 tensor for backward.
     backend: "auto", "triton", "torch" or "native" (compiled gathered-core op, see svk.info).
     """
+    return _sv_bank_linear(x, weight, a, s, b, cores, adapter_ids, bias=bias, scaling=scaling,
+                           backend=backend)
+
+
+def _sv_bank_linear(x, weight, a, s, b, cores, adapter_ids, *, bias=None, scaling=1.0,
+                    backend="auto", device_check=True):
+    """sv_bank_linear, plus device_check: on CUDA, queue the device-side id assertion
+    (AdapterBank passes False: it validated the ids on the host once for the whole batch)."""
     out_features, in_features = _checks.base_layer(x, weight, bias)
     for name, value in (("a", a), ("s", s), ("b", b), ("cores", cores)):
         _checks.tensor(name, value)
@@ -238,7 +248,7 @@ def sv_bank_linear(x, weight, a, s, b, cores, adapter_ids, *, bias=None, scaling
     if backend not in _dispatch.BACKENDS + ("native",):
         raise ValueError(f"backend must be one of {_dispatch.BACKENDS + ('native',)}, "
                          f"got {backend!r}")
-    ids = _check_adapter_ids(adapter_ids, x, cores.shape[0])
+    ids = _check_adapter_ids(adapter_ids, x, cores.shape[0], device_check)
     x, weight, bias = _dispatch.autocast_base(x, weight, bias)
     x2 = x.reshape(-1, in_features)
     strategy = _resolve(backend, x, x2.shape[0], r)

@@ -32,7 +32,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from svk.ops.sv_bank_linear import sv_bank_linear
+from svk.ops.sv_bank_linear import _sv_bank_linear
 
 __all__ = ["AdapterBank", "BankLinear"]
 
@@ -68,8 +68,11 @@ class BankLinear(nn.Module):
             raise RuntimeError(
                 f"bank layer {self.name!r} ran outside `with bank.activate(adapter_ids):`; pass "
                 "one adapter id (slot or name) per sequence, -1 for the base model")
-        return sv_bank_linear(x, self.weight, self.a, self.s, self.b, self.cores, self._ids,
-                              bias=self.bias, scaling=self.scaling, backend=self.backend)
+        # The ids were validated on the host by bank.activate, once for the batch: no per-layer
+        # device-side check (one launch per layer on the decode path).
+        return _sv_bank_linear(x, self.weight, self.a, self.s, self.b, self.cores, self._ids,
+                               bias=self.bias, scaling=self.scaling, backend=self.backend,
+                               device_check=False)
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, rank={self.rank}, "
