@@ -105,9 +105,10 @@ def test_bank_layer_decode(benchmark, monkeypatch, provider, resident, shape):
             if provider == "merge":
                 return merged_rows(x, weight, bias, a, s, b, cores, ids, 1.0)
             return sv_bank_linear(x, weight, a, s, b, cores, ids, bias=bias, backend=backend)
-    measure(benchmark, run, DEVICE, provider=provider, rounds=_rounds(provider), M=m, in_features=in_f,
-            out_features=out_f, rank=RANK, dtype=str(DTYPE), resident_adapters=resident,
-            distinct_in_batch=min(m, resident), adapters_per_gb_per_layer=adapters_per_gb(1, DTYPE),
+    measure(benchmark, run, DEVICE, provider=provider, rounds=_rounds(provider), M=m,
+            in_features=in_f, out_features=out_f, rank=RANK, dtype=str(DTYPE),
+            resident_adapters=resident, distinct_in_batch=min(m, resident),
+            adapters_per_gb_per_layer=adapters_per_gb(1, DTYPE),
             cores_bytes=cores.numel() * cores.element_size())
 
 

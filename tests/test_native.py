@@ -58,8 +58,8 @@ def test_cpu_twin_strided_cores_and_int32_ids(native):
 
 def test_cpu_twin_errors(native):
     with pytest.raises(RuntimeError, match="cores must be"):
-        native.gather_core(torch.randn(3, 4), torch.randn(2, 4, 5), torch.zeros(3, dtype=torch.long),
-                           False)
+        native.gather_core(torch.randn(3, 4), torch.randn(2, 4, 5),
+                           torch.zeros(3, dtype=torch.long), False)
     with pytest.raises(RuntimeError, match="ids must be int32 or int64"):
         native.gather_core(torch.randn(3, 4), torch.randn(2, 4, 4), torch.zeros(3), False)
 
