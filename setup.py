@@ -9,9 +9,25 @@ mismatch) only prints a warning: installing never needs a compiler, and svk._nat
 builds on first use with ninja instead (or reports why it cannot, in `python -m svk.info`).
 """
 import os
+import shutil
 import sys
+from pathlib import Path
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
+
+
+class BuildPyWithNativeSources(build_py):
+    """Ships csrc/ inside the wheel as svk/csrc/, where svk._native looks for the sources to
+    build on first use after a non-editable install."""
+
+    def run(self):
+        super().run()
+        target = Path(self.build_lib) / "svk" / "csrc"
+        target.mkdir(parents=True, exist_ok=True)
+        for source in Path(__file__).resolve().parent.glob("csrc/*"):
+            if source.suffix in (".cpp", ".cu", ".h", ".cuh"):
+                shutil.copy2(source, target / source.name)
 
 
 def _warn(message):
@@ -56,4 +72,6 @@ def _native_extension():
     return {"ext_modules": [extension], "cmdclass": {"build_ext": OptionalBuildExtension}}
 
 
-setup(**_native_extension())
+options = _native_extension()
+options.setdefault("cmdclass", {})["build_py"] = BuildPyWithNativeSources
+setup(**options)

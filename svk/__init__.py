@@ -1,10 +1,22 @@
 """svk: singular-value kernels. Fused Triton kernels for SVD-based adapters.
 
-Public API (DESIGN.md §2): the functional op ``sv_linear``; ``svk.reference`` holds the naive
-oracle; ``svk.linalg`` the batched SVD used to initialise adapters.
+    svk.sv_linear, svk.sv_mixture_linear, svk.sv_bank_linear   the fused ops (DESIGN.md §2)
+    svk.nn                                                      adapter layers per method
+    svk.AdapterConfig, svk.inject, svk.merge, svk.unmerge,
+    svk.save_adapter, svk.load_adapter, svk.regularization_loss,
+    svk.trainable_parameters                                    model integration
+    svk.AdapterBank                                             many LoRA-XS users, one batch
+    svk.linalg                                                  batched SVD for initialisation
+    svk.reference                                               the naive oracle
 """
 __version__ = "0.1.0"
 
-from svk.ops import sv_linear  # noqa: E402
+from svk import linalg, nn, reference  # noqa: E402
+from svk.integrations import (AdapterConfig, inject, load_adapter, merge,  # noqa: E402
+                              regularization_loss, save_adapter, trainable_parameters, unmerge)
+from svk.ops import sv_bank_linear, sv_linear, sv_mixture_linear  # noqa: E402
+from svk.serving import AdapterBank  # noqa: E402
 
-__all__ = ["sv_linear", "__version__"]
+__all__ = ["__version__", "sv_linear", "sv_mixture_linear", "sv_bank_linear", "nn", "linalg",
+           "reference", "AdapterConfig", "inject", "merge", "unmerge", "save_adapter",
+           "load_adapter", "regularization_loss", "trainable_parameters", "AdapterBank"]
