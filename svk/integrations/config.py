@@ -39,8 +39,8 @@ def validate_hparams(method: str, hp: dict) -> None:
         fail("alpha", "> 0")
     if "tau" in hp and not 0 < hp["tau"] <= 1:
         fail("tau", "in (0, 1]")
-    if "perc" in hp and not 0 <= hp["perc"] < 1:
-        fail("perc", "in [0, 1)")
+    if "perc" in hp and not 0 < hp["perc"] <= 1:
+        fail("perc", "in (0, 1]")
     for name in ("beta", "gamma"):
         if name in hp and not hp[name] >= 0:
             fail(name, "≥ 0")
