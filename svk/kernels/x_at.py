@@ -10,6 +10,7 @@ import triton.language as tl
 
 from svk.kernels._common import (LAUNCHES, MAX_EPILOGUE_RANK, check_device, configs,
                                  dot_precision, m_bucket, rank_pad)
+from svk.kernels._tiles import x_at_tile
 
 _CONFIGS = configs(
     [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=st)
@@ -34,19 +35,10 @@ def _x_at_kernel(
     pid_r = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     ranks = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    ks = tl.arange(0, BLOCK_K)
     row_ok = rows < M
     rank_ok = ranks < R
-
-    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k_ok = (k0 + ks) < K
-        x = tl.load(X + rows[:, None] * stride_xm + (k0 + ks)[None, :] * stride_xk,
-                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        # aᵀ tile (BLOCK_K, BLOCK_R); tl.dot wants one dtype, the activations' one.
-        a_t = tl.load(A + ranks[None, :] * stride_ar + (k0 + ks)[:, None] * stride_ak,
-                      mask=k_ok[:, None] & rank_ok[None, :], other=0.0)
-        acc = tl.dot(x, a_t.to(x.dtype), acc, input_precision=DOT_PRECISION)
+    acc = x_at_tile(X, A, rows, ranks, M, K, R, stride_xm, stride_xk, stride_ar, stride_ak,
+                    DOT_PRECISION, BLOCK_M, BLOCK_K, BLOCK_R)
 
     out_mask = row_ok[:, None] & rank_ok[None, :]
     tl.store(T + rows[:, None] * stride_tm + ranks[None, :] * stride_tr, acc, mask=out_mask)

@@ -11,6 +11,7 @@ import triton.language as tl
 
 from svk.kernels._common import (LAUNCHES, MAX_EPILOGUE_RANK, check_device, configs,
                                  dot_precision, m_bucket, rank_pad)
+from svk.kernels._tiles import x_at_tile
 from svk.kernels.gather_core import gathered_core_matvec
 
 _CONFIGS = configs(
@@ -33,18 +34,10 @@ def _x_at_gather_core_kernel(
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     ranks = tl.arange(0, BLOCK_R)
-    ks = tl.arange(0, BLOCK_K)
     row_ok = rows < M
     rank_ok = ranks < R
-
-    t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k_ok = (k0 + ks) < K
-        x = tl.load(X + rows[:, None] * stride_xm + (k0 + ks)[None, :] * stride_xk,
-                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        a_t = tl.load(A + ranks[None, :] * stride_ar + (k0 + ks)[:, None] * stride_ak,
-                      mask=k_ok[:, None] & rank_ok[None, :], other=0.0)
-        t = tl.dot(x, a_t.to(x.dtype), t, input_precision=DOT_PRECISION)
+    t = x_at_tile(X, A, rows, ranks, M, K, R, stride_xm, stride_xk, stride_ar, stride_ak,
+                  DOT_PRECISION, BLOCK_M, BLOCK_K, BLOCK_R)
 
     out_mask = row_ok[:, None] & rank_ok[None, :]
     tl.store(T + rows[:, None] * stride_tm + ranks[None, :] * stride_tr, t, mask=out_mask)

@@ -47,6 +47,7 @@ import triton.language as tl
 
 from svk.kernels._common import (INTERPRET, LAUNCHES, check_device, configs, dot_precision,
                                  m_bucket)
+from svk.kernels._tiles import x_at_tile
 from svk.kernels.x_at import x_at
 
 _CONFIGS = configs(
@@ -76,7 +77,6 @@ def _x_at_router_kernel(
     pid_m = tl.program_id(0)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rs = tl.arange(0, BLOCK_R)
-    ks = tl.arange(0, BLOCK_K)
     heads = tl.arange(0, BLOCK_H)
     row_ok = rows < M
     head_ok = heads < H
@@ -90,15 +90,8 @@ def _x_at_router_kernel(
         if T_GIVEN:
             t = tl.load(t_ptrs, mask=t_mask, other=0.0)
         else:
-            t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                k_ok = (k0 + ks) < K
-                x = tl.load(X + rows[:, None] * stride_xm + (k0 + ks)[None, :] * stride_xk,
-                            mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-                # aᵀ tile (BLOCK_K, BLOCK_R); tl.dot wants one dtype, the activations' one.
-                a_t = tl.load(A + (r0 + rs)[None, :] * stride_ar + (k0 + ks)[:, None] * stride_ak,
-                              mask=k_ok[:, None] & rank_ok[None, :], other=0.0)
-                t = tl.dot(x, a_t.to(x.dtype), t, input_precision=DOT_PRECISION)
+            t = x_at_tile(X, A, rows, r0 + rs, M, K, R, stride_xm, stride_xk, stride_ar,
+                          stride_ak, DOT_PRECISION, BLOCK_M, BLOCK_K, BLOCK_R)
             tl.store(t_ptrs, t, mask=t_mask)
         gate_in = tl.load(GATE_IN + r0 + rs, mask=rank_ok, other=0.0).to(tl.float32)
         c += tl.sum(t * gate_in[None, :], axis=1)

@@ -17,6 +17,7 @@ import triton.language as tl
 
 from svk.kernels._common import (LAUNCHES, MAX_EPILOGUE_RANK, check_device, configs,
                                  dot_precision, m_bucket, rank_pad)
+from svk.kernels._tiles import grouped_tile, xw_and_xa_tiles
 
 _GPU_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
@@ -43,37 +44,15 @@ def _xw_plus_ub_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    # Grouped ordering of the (M, N) tiles so neighbouring programs share W tiles in L2.
-    pid = tl.program_id(0)
-    n_m = tl.cdiv(M, BLOCK_M)
-    n_n = tl.cdiv(N, BLOCK_N)
-    group = pid // (GROUP_M * n_n)
-    first_m = group * GROUP_M
-    group_size = tl.minimum(n_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * n_n)) % group_size
-    pid_n = (pid % (GROUP_M * n_n)) // group_size
-
+    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    ks = tl.arange(0, BLOCK_K)
     rs = tl.arange(0, BLOCK_R)
     row_ok = rows < M
     col_ok = cols < N
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if ONE_PASS:
-        t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k_ok = (k0 + ks) < K
-        x = tl.load(X + rows[:, None] * stride_xm + (k0 + ks)[None, :] * stride_xk,
-                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w_t = tl.load(W + cols[None, :] * stride_wn + (k0 + ks)[:, None] * stride_wk,
-                      mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = tl.dot(x, w_t, acc, input_precision=DOT_PRECISION)
-        if ONE_PASS:
-            a_t = tl.load(A + rs[None, :] * stride_ar + (k0 + ks)[:, None] * stride_ak,
-                          mask=k_ok[:, None] & (rs < R)[None, :], other=0.0)
-            t = tl.dot(x, a_t.to(x.dtype), t, input_precision=DOT_PRECISION)
+    acc, t = xw_and_xa_tiles(X, W, A, rows, cols, rs, M, N, K, R, stride_xm, stride_xk,
+                             stride_wn, stride_wk, stride_ar, stride_ak, ONE_PASS, DOT_PRECISION,
+                             BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R)
 
     if HAS_LOWRANK:
         if ONE_PASS:

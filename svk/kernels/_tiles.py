@@ -1,0 +1,66 @@
+"""@triton.jit building blocks the kernels share (inlined into each kernel by Triton)."""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of this program, visiting the (M, N) tiles in groups of GROUP_M rows so
+    neighbouring programs share W tiles in L2."""
+    pid = tl.program_id(0)
+    n_m = tl.cdiv(M, BLOCK_M)
+    n_n = tl.cdiv(N, BLOCK_N)
+    group = pid // (GROUP_M * n_n)
+    first_m = group * GROUP_M
+    group_size = tl.minimum(n_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * n_n)) % group_size
+    pid_n = (pid % (GROUP_M * n_n)) // group_size
+    return pid_m, pid_n
+
+
+@triton.jit
+def x_at_tile(X, A, rows, ranks, M, K, R, stride_xm, stride_xk, stride_ar, stride_ak,
+              DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+              BLOCK_R: tl.constexpr):
+    """t = x[rows]·a[ranks]ᵀ over the whole K, fp32 (BLOCK_M, BLOCK_R)."""
+    ks = tl.arange(0, BLOCK_K)
+    row_ok = rows < M
+    rank_ok = ranks < R
+    t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = (k0 + ks) < K
+        x = tl.load(X + rows[:, None] * stride_xm + (k0 + ks)[None, :] * stride_xk,
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        # aᵀ tile (BLOCK_K, BLOCK_R); tl.dot wants one dtype, the activations' one.
+        a_t = tl.load(A + ranks[None, :] * stride_ar + (k0 + ks)[:, None] * stride_ak,
+                      mask=k_ok[:, None] & rank_ok[None, :], other=0.0)
+        t = tl.dot(x, a_t.to(x.dtype), t, input_precision=DOT_PRECISION)
+    return t
+
+
+@triton.jit
+def xw_and_xa_tiles(X, W, A, rows, cols, ranks, M, N, K, R,
+                    stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak,
+                    WITH_XA: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    BLOCK_R: tl.constexpr):
+    """One K loop: acc = x[rows]·W[cols]ᵀ and, when WITH_XA, t = x[rows]·a[ranks]ᵀ from the
+    same x tiles (the one-pass strategy: x is read once). Both fp32."""
+    ks = tl.arange(0, BLOCK_K)
+    row_ok = rows < M
+    col_ok = cols < N
+    rank_ok = ranks < R
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = (k0 + ks) < K
+        x = tl.load(X + rows[:, None] * stride_xm + (k0 + ks)[None, :] * stride_xk,
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w_t = tl.load(W + cols[None, :] * stride_wn + (k0 + ks)[:, None] * stride_wk,
+                      mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = tl.dot(x, w_t, acc, input_precision=DOT_PRECISION)
+        if WITH_XA:
+            a_t = tl.load(A + ranks[None, :] * stride_ar + (k0 + ks)[:, None] * stride_ak,
+                          mask=k_ok[:, None] & rank_ok[None, :], other=0.0)
+            t = tl.dot(x, a_t.to(x.dtype), t, input_precision=DOT_PRECISION)
+    return acc, t
