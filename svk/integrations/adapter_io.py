@@ -74,7 +74,8 @@ def _roles(layer) -> dict:
     return roles
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike, *, include_frozen: bool = False) -> None:
+def save_adapter(model: nn.Module, path: str | os.PathLike, *,
+                 include_frozen: bool = False) -> None:
     """Writes the model's adapter tensors and metadata (see the module docstring) to a
     safetensors file. Raises ValueError when the model has no svk layers, mixes methods, or
     has merged layers (unmerge first: merged tensors live in the base weight)."""

@@ -117,8 +117,9 @@ class AdapterConfig:
 
     def hparams(self) -> dict:
         """The method's hyperparameters with paper defaults filled in."""
+        given = {name: getattr(self, name) for name in HPARAM_NAMES}
         return self.method_class.resolve_hparams(
-            **{name: getattr(self, name) for name in HPARAM_NAMES if getattr(self, name) is not None})
+            **{name: value for name, value in given.items() if value is not None})
 
     def matches(self, name: str) -> bool:
         if self._pattern is not None:

@@ -56,8 +56,9 @@ class InjectionSummary:
             shape = f"{layer.out_features}×{layer.in_features}"
             lines.append(f"{layer.name:<{width}}  {shape:>15}  {layer.rank:>5}  "
                          f"{layer.trainable:>10}")
+        percent = 100.0 * self.trainable / max(self.total, 1)
         lines.append(f"{self.method}: {len(self.layers)} layers, {self.trainable} trainable of "
-                     f"{self.total} parameters ({100.0 * self.trainable / max(self.total, 1):.4f}%)")
+                     f"{self.total} parameters ({percent:.4f}%)")
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -104,7 +105,8 @@ def _groups(targets):
             yield members[start:start + per_chunk]
 
 
-def inject(model: nn.Module, cfg: AdapterConfig, *, progress: bool | None = None) -> InjectionSummary:
+def inject(model: nn.Module, cfg: AdapterConfig, *,
+           progress: bool | None = None) -> InjectionSummary:
     """Replaces every nn.Linear / Conv1D whose name matches ``cfg.target_modules`` by the
     method's SVLinear, in place; freezes every other parameter of the model.
 
