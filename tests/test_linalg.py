@@ -180,6 +180,21 @@ def test_rsvd_explicit_parameters_and_range_finder():
     assert excess <= FRO_EXCESS and sv <= SV_REL
 
 
+@pytest.mark.parametrize("rank", [3, 5, 8])
+def test_rsvd_rank_deficient_and_zero(rank):
+    # CholeskyQR2 breaks down on rank-deficient blocks: exercises the Householder fallback.
+    W = torch.randn(70, 5, dtype=torch.float64) @ torch.randn(5, 60, dtype=torch.float64)
+    U, S, Vh = L.rsvd(W.float(), rank)                    # true rank 5
+    Sref = torch.linalg.svdvals(W)
+    top = min(rank, 5)
+    assert ((S[:top].double() - Sref[:top]).abs() / Sref[:top]).max().item() <= SV_REL
+    if rank > 5:                                          # values beyond the true rank vanish
+        assert S[5:].max().item() <= 1e-5 * S[0].item()
+    assert orthogonality(U) <= ORTHO and orthogonality(Vh.mT) <= ORTHO
+    U, S, Vh = L.rsvd(torch.zeros(40, 30), rank)
+    assert S.abs().max().item() == 0 and orthogonality(U) <= ORTHO
+
+
 def test_orthonormalize_cholqr2_and_fallback():
     Y = torch.randn(300, 20, dtype=torch.float32)
     Q = orthonormalize(Y, "cholqr2")
@@ -438,3 +453,4 @@ def test_batched_svd_invalid_weights():
                       progress=False)
     with pytest.raises(TypeError, match="weights must be a dict"):
         L.batched_svd(torch.randn(5, 5), mode="spectrum", progress=False)
+
