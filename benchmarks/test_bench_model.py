@@ -25,7 +25,7 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 CUDA = DEVICE.type == "cuda"
 DTYPE = torch.bfloat16 if CUDA else torch.float32
 # (hidden, intermediate, layers, batch, sequence): LLaMA-7B proportions, scaled to the device.
-SHAPE = (4096, 11008, 2, 4, 512) if CUDA else (256, 688, 2, 4, 128)
+SHAPE = (4096, 11008, 2, 4, 512) if CUDA else (512, 1376, 2, 4, 256)
 RANK = 16
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 CASES = [("lora_xs", "base"), ("lora_xs", "svk"), ("lora_xs", "reference"),
@@ -34,17 +34,17 @@ CASES = [("lora_xs", "base"), ("lora_xs", "svk"), ("lora_xs", "reference"),
 
 
 @pytest.fixture(autouse=True)
-def _flush_denormals():
-    """Randomly initialised and fine-tuned transformers produce denormal floats in backward;
-    on x86 CPUs they take a microcoded slow path (we measured MiniLM's training step ~10×
-    slower), which would time the FPU rather than the kernels. Same setting for every
-    provider; restored afterwards."""
+def _one_thread():
+    """On CPU, one thread: the benchmark machines are shared, and two OpenMP threads on two
+    busy cores spend their time waiting at barriers (we saw 10× swings); ratios between
+    providers are stable single-threaded (SVK_BENCH_THREADS overrides). Restored afterwards."""
     if CUDA:
         yield
         return
-    torch.set_flush_denormal(True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(int(os.environ.get("SVK_BENCH_THREADS", "1")))
     yield
-    torch.set_flush_denormal(False)
+    torch.set_num_threads(threads)
 
 
 def _model():

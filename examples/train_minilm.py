@@ -101,9 +101,6 @@ def train(method: str, *, steps: int = 200, batch_size: int = 32, seed: int = 0,
     accuracy. Importable: tests run it for a few steps."""
     from transformers import AutoModel, AutoTokenizer
 
-    # MiniLM's training-mode backward produces denormal floats on CPU, which run ~10× slower
-    # on x86; flushing them to zero changes nothing measurable in the losses.
-    torch.set_flush_denormal(True)
     torch.manual_seed(seed)
     path = minilm_dir()
     tokenizer = AutoTokenizer.from_pretrained(path)
