@@ -294,3 +294,37 @@ def test_example_training_loop_decreases_the_loss():
     losses = result["losses"]
     assert len(losses) == 16 and sum(losses[-4:]) < sum(losses[:4])
     assert [rank for _, rank, _ in result["ranks"]] == [8] * 18
+
+
+def test_inject_runs_one_batched_svd_per_shape(monkeypatch):
+    from svk import linalg
+    calls = []
+    original = linalg.rsvd
+
+    def spy(W, rank, **kwargs):
+        calls.append(tuple(W.shape))
+        return original(W, rank, **kwargs)
+    monkeypatch.setattr(linalg, "rsvd", spy)
+    model = _llama()
+    inject(model, _cfg("lora_xs", ["q_proj", "v_proj", "o_proj", "down_proj"]), progress=False)
+    # q_proj and o_proj share (48, 48); v_proj is (24, 48) with 2 KV heads; down_proj (48, 80):
+    # one call per shape, each on the stack of that shape's weights from both blocks.
+    assert sorted(calls) == [(2, 24, 48), (2, 48, 80), (4, 48, 48)]
+
+
+def test_gpt2_conv1d_save_load_round_trip(tmp_path):
+    cfg = _cfg("siva", MODELS["gpt2"][1])
+    model = _gpt2()
+    inject(model, cfg, progress=False)
+    with torch.no_grad():
+        for layer in adapted_layers(model).values():
+            layer.s.normal_(0, 0.5)
+    ids = _ids()
+    with torch.no_grad():
+        expected = model(ids).logits
+    save_adapter(model, tmp_path / "gpt2.safetensors")
+    fresh = _gpt2()
+    inject(fresh, cfg, progress=False)
+    load_adapter(fresh, tmp_path / "gpt2.safetensors")
+    with torch.no_grad():
+        assert torch.equal(fresh(ids).logits, expected)
