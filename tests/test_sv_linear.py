@@ -294,3 +294,27 @@ def test_opcheck_torch_path():
     args = (t["x"], t["weight"], t["a"], t["s"], t["b"], t["bias"], t["core"], t["out_scale"],
             0.5, "torch")
     torch.library.opcheck(torch.ops.svk.sv_linear.default, args)
+
+
+def test_autocast_low_precision_input_on_fp32_layer():
+    """nn.Linear accepts a bf16 x with an fp32 weight under autocast; so must the ops."""
+    t = make_inputs(trainable=("core",))
+    t["x"] = t["x"].detach().to(torch.bfloat16)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        y = call(svk.sv_linear, t, 1.0)
+    assert y.dtype == torch.bfloat16
+    y64 = call(reference.sv_linear, as_dtype(t, torch.float64), 1.0)
+    assert rel_err(y, y64) < FLOOR[torch.bfloat16]
+
+
+@pytest.mark.parametrize("trainable,keeps_x", [(("core",), False), (("s", "x"), False),
+                                               (("a",), True), (("weight",), True)])
+def test_x_is_saved_only_when_a_gradient_reads_it(trainable, keeps_x):
+    """dW and da read x; LoRA-XS (core), SiVA (s) and dx do not, so x is not kept alive."""
+    t = make_inputs(trainable=trainable)
+    x_storage = t["x"].untyped_storage().data_ptr()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda v: saved.append(v) or v, lambda v: v):
+        y = call(svk.sv_linear, t, 1.0)
+    assert any(v.untyped_storage().data_ptr() == x_storage for v in saved) == keeps_x
+    y.sum().backward()

@@ -184,18 +184,8 @@ class SVLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.merged:
             return F.linear(x, self.weight, self.bias)
-        x = self._autocast_input(x)
         return self.op(x, self.weight, self.a, self.s, self.b, bias=self.bias, core=self.core,
                        out_scale=self.out_scale, scaling=self.scaling, backend=self.backend)
-
-    def _autocast_input(self, x: Tensor) -> Tensor:
-        # Under autocast x may arrive in the autocast dtype while weight is fp32, which
-        # nn.Linear accepts. The ops check x against weight before applying autocast, so give
-        # them x in weight's dtype (lossless from bf16/fp16); they then cast both base
-        # operands to the autocast dtype themselves.
-        if x.dtype != self.weight.dtype and torch.is_autocast_enabled(x.device.type):
-            return x.to(self.weight.dtype)
-        return x
 
     # ---- introspection ------------------------------------------------------------------
     @property

@@ -100,7 +100,6 @@ class MoSARALinear(SVLinear):
         return self.lambdas.shape[0]
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self._autocast_input(x)
         y, gates = _mixture(x, self.weight, self.a, self.lambdas, self.gate_in, self.gate_out,
                             self.b, bias=self.bias, out_scale=self.out_scale,
                             scaling=self.scaling, backend=self.backend,

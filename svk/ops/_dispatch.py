@@ -86,9 +86,13 @@ def choose_strategy(m, in_features, out_features, padded_rank, max_epilogue_rank
 
 def autocast_base(x, weight, bias):
     """Under torch.autocast the base layer runs in the autocast dtype, as nn.Linear would;
-    adapter tensors keep their own dtype (the kernels cast their tiles)."""
-    device_type = x.device.type
-    if not torch.is_autocast_enabled(device_type):
+    adapter tensors keep their own dtype (the kernels cast their tiles). Runs before the
+    argument checks, so anything that is not a floating tensor is left for them to report."""
+    if not isinstance(x, torch.Tensor) or not torch.is_autocast_enabled(x.device.type):
         return x, weight, bias
-    dtype = torch.get_autocast_dtype(device_type)
-    return x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+    dtype = torch.get_autocast_dtype(x.device.type)
+
+    def cast(value):
+        floating = isinstance(value, torch.Tensor) and value.is_floating_point()
+        return value.to(dtype) if floating and value.dtype != torch.float64 else value
+    return cast(x), cast(weight), cast(bias)

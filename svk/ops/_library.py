@@ -15,7 +15,8 @@ def _tensor_schema(args, optional):
     return ", ".join(f"Tensor{'?' if a in optional else ''} {a}" for a in args)
 
 
-def differentiable_op(name, *, args, optional, scalars, extras, forward, backward, fake_extras):
+def differentiable_op(name, *, args, optional, scalars, extras, forward, backward, fake_extras,
+                      x_needed_by=("weight", "a")):
     """Registers `svk::name` and `svk::name_backward`; returns the forward as a callable
     `op(*tensors, *scalar_values, strategy) -> y`.
 
@@ -25,15 +26,20 @@ def differentiable_op(name, *, args, optional, scalars, extras, forward, backwar
     forward(*tensors, *scalar_values, strategy) -> (y, *extras)
     backward(dy, *tensors, *extras, *scalar_values, strategy, needs) -> list of grads or None
     fake_extras(*tensors) -> [(shape, dtype)] of the extras, for the fake kernel.
+    x_needed_by: the inputs whose gradients read x (dW = dyᵀ·x, da = dtᵀ·x). When none of them
+    needs a gradient (LoRA-XS, SiVA, Mo-SARA) x is not saved at all — an empty tensor of its
+    dtype stands in — so autograd does not keep the layer's input alive for the adapter.
     """
     n_in, n_scalar = len(args), len(scalars)
     scalar_schema = "".join(f", {kind} {scalar}" for scalar, kind in scalars)
     outs = ", ".join(["Tensor"] * (1 + len(extras)))
     extra_schema = "".join(f", Tensor {extra}" for extra in extras)
 
-    def strategy_for(x, strategy):
+    x_users = [args.index(name) for name in x_needed_by]
+
+    def strategy_for(rows, strategy):
         # An empty batch has nothing to launch; the PyTorch formulas handle M = 0 directly.
-        return "torch" if x.shape[0] == 0 else strategy
+        return "torch" if rows == 0 else strategy
 
     @torch.library.custom_op(
         f"svk::{name}", mutates_args=(),
@@ -42,7 +48,7 @@ def differentiable_op(name, *, args, optional, scalars, extras, forward, backwar
         tensors, scalar_values, strategy = call[:n_in], call[n_in:-1], call[-1]
         x = tensors[0]
         with torch.autocast(x.device.type, enabled=False):
-            return tuple(forward(*tensors, *scalar_values, strategy_for(x, strategy)))
+            return tuple(forward(*tensors, *scalar_values, strategy_for(x.shape[0], strategy)))
 
     @forward_op.register_fake
     def _(*call):
@@ -58,19 +64,23 @@ def differentiable_op(name, *, args, optional, scalars, extras, forward, backwar
     def backward_op(dy, *call):
         tensors, strategy, needs = call[:n_in], call[-2], call[-1]
         saved = call[n_in:-2]
-        x = tensors[0]
-        with torch.autocast(x.device.type, enabled=False):
-            grads = backward(dy, *tensors, *saved, strategy_for(x, strategy), needs)
+        with torch.autocast(dy.device.type, enabled=False):
+            grads = backward(dy, *tensors, *saved, strategy_for(dy.shape[0], strategy), needs)
         return [g if g is not None else dy.new_empty(_NONE) for g in grads]
 
     @backward_op.register_fake
     def _(dy, *call):
         tensors, needs = call[:n_in], call[-1]
-        return [t.new_empty(t.shape) if need else dy.new_empty(_NONE)
-                for t, need in zip(tensors, needs)]
+        # x may be the empty stand-in: dx has dy's rows and weight's in-features.
+        shapes = [(dy.shape[0], tensors[1].shape[1])] + [t.shape for t in tensors[1:]]
+        return [t.new_empty(shape) if need else dy.new_empty(_NONE)
+                for t, shape, need in zip(tensors, shapes, needs)]
 
     def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs[:n_in], *output[1:])
+        x = inputs[0]
+        if not any(ctx.needs_input_grad[i] for i in x_users):
+            x = x.new_empty(_NONE)
+        ctx.save_for_backward(x, *inputs[1:n_in], *output[1:])
         ctx.rest = inputs[n_in:]
 
     def autograd_backward(ctx, dy, *_extra_grads):

@@ -230,6 +230,7 @@ def _sv_bank_linear(x, weight, a, s, b, cores, adapter_ids, *, bias=None, scalin
                     backend="auto", device_check=True):
     """sv_bank_linear, plus device_check: on CUDA, queue the device-side id assertion
     (AdapterBank passes False: it validated the ids on the host once for the whole batch)."""
+    x, weight, bias = _dispatch.autocast_base(x, weight, bias)
     out_features, in_features = _checks.base_layer(x, weight, bias)
     for name, value in (("a", a), ("s", s), ("b", b), ("cores", cores)):
         _checks.tensor(name, value)
@@ -249,7 +250,6 @@ def _sv_bank_linear(x, weight, a, s, b, cores, adapter_ids, *, bias=None, scalin
         raise ValueError(f"backend must be one of {_dispatch.BACKENDS + ('native',)}, "
                          f"got {backend!r}")
     ids = _check_adapter_ids(adapter_ids, x, cores.shape[0], device_check)
-    x, weight, bias = _dispatch.autocast_base(x, weight, bias)
     x2 = x.reshape(-1, in_features)
     strategy = _resolve(backend, x, x2.shape[0], r)
     y = sv_bank_linear_op(x2, weight, a, s, b, bias, cores, ids, scaling, strategy)

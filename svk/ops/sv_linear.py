@@ -112,6 +112,7 @@ def sv_linear(x, weight, a, s, b, *, bias=None, core=None, out_scale=None, scali
     requires grad; saves x and one (M, r) fp32 tensor for backward.
     backend: "auto" (Triton on CUDA, PyTorch on CPU), "triton" or "torch".
     """
+    x, weight, bias = _dispatch.autocast_base(x, weight, bias)
     out_features, in_features = _checks.base_layer(x, weight, bias)
     for name, value in (("a", a), ("s", s), ("b", b)):
         _checks.tensor(name, value)
@@ -125,7 +126,6 @@ def sv_linear(x, weight, a, s, b, *, bias=None, core=None, out_scale=None, scali
     _checks.same_device(x, weight=weight, a=a, s=s, b=b, bias=bias, core=core,
                         out_scale=out_scale)
     scaling = _checks.scaling(scaling)
-    x, weight, bias = _dispatch.autocast_base(x, weight, bias)
     backend = _dispatch.resolve_backend(backend, x)
     x2 = x.reshape(-1, in_features)
     if backend == "torch":

@@ -185,6 +185,7 @@ def sv_mixture_linear(x, weight, a, lambdas, gate_in, gate_out, b, *, bias=None,
     Do not modify it in place: it is shared with autograd's saved state (which would then
     raise in backward).
     """
+    x, weight, bias = _dispatch.autocast_base(x, weight, bias)
     out_features, in_features = _checks.base_layer(x, weight, bias)
     for name, value in (("a", a), ("lambdas", lambdas), ("gate_in", gate_in),
                         ("gate_out", gate_out), ("b", b)):
@@ -206,7 +207,6 @@ def sv_mixture_linear(x, weight, a, lambdas, gate_in, gate_out, b, *, bias=None,
     scaling = _checks.scaling(scaling)
     if not isinstance(return_gates, bool):
         raise TypeError(f"return_gates must be a bool, got {type(return_gates).__name__}")
-    x, weight, bias = _dispatch.autocast_base(x, weight, bias)
     strategy = _strategy(_dispatch.resolve_backend(backend, x))
     x2 = x.reshape(-1, in_features)
     # The registered op itself (not the y-only wrapper differentiable_op returns) so that the
