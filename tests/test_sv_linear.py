@@ -318,3 +318,17 @@ def test_x_is_saved_only_when_a_gradient_reads_it(trainable, keeps_x):
         y = call(svk.sv_linear, t, 1.0)
     assert any(v.untyped_storage().data_ptr() == x_storage for v in saved) == keeps_x
     y.sum().backward()
+
+
+def test_compile_fullgraph_traces_the_op():
+    """torch.compile traces the registered op (fake kernels + autograd formula) without graph
+    breaks; aot_eager runs the traced forward and backward graphs on the PyTorch path."""
+    t = on_cpu(make_inputs(trainable=("core", "x")))
+    fn = torch.compile(lambda tt: call(svk.sv_linear, tt, 0.5, backend="torch"),
+                       fullgraph=True, backend="aot_eager")
+    y = fn(t)
+    torch.testing.assert_close(y, call(svk.sv_linear, t, 0.5, backend="torch"))
+    (g_core,) = torch.autograd.grad(y.sum(), [t["core"]])
+    (ref_core,) = torch.autograd.grad(call(svk.sv_linear, t, 0.5, backend="torch").sum(),
+                                      [t["core"]])
+    torch.testing.assert_close(g_core, ref_core)
