@@ -14,12 +14,3 @@ if not torch.cuda.is_available():
 def _seed():
     torch.manual_seed(0)
     yield
-
-
-def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA device")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
