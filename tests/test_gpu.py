@@ -1,7 +1,7 @@
 """What only a GPU can check: bf16 through the kernels (the interpreter gets bf16 wrong),
 TF32 on and off, torch.compile, CUDA-graph capture, opcheck of the Triton path.
-Skipped on machines without CUDA (conftest); run with SVK_TEST_CUDA=1 so the interpreter stays
-off."""
+Skipped on machines without CUDA; where CUDA exists the conftest leaves Triton's interpreter
+off, so these run the compiled kernels."""
 import pytest
 import torch
 
