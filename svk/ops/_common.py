@@ -21,3 +21,24 @@ def down_projection_rank(a, in_features):
     if a.shape[0] == 0:
         raise ValueError("a has rank 0; the adapter needs r ≥ 1")
     return a.shape[0]
+
+
+def input_side_grads(dy, x, weight, a, dt, *, need_x, need_w, need_a, triton, w_eff=None):
+    """The gradients every op shares once dt (M, r) is known, as (dx, dW, da), None where
+    not needed:  dx = dy·W + dt·a (one GEMM-plus-r kernel on the Triton path, or dy·W_eff
+    for the merged strategy),  dW = dyᵀ·x,  da = dtᵀ·x."""
+    dx = dw = da = None
+    if need_x:
+        if w_eff is not None:
+            from svk import kernels
+            dx = kernels.xw_plus_ub(dy, w_eff, w_transposed=True)
+        elif triton:
+            from svk import kernels
+            dx = kernels.xw_plus_ub(dy, weight, dt, a, w_transposed=True, v_transposed=True)
+        else:
+            dx = torch.addmm(dy @ weight, dt.to(dy.dtype), a.to(dy.dtype))
+    if need_w:
+        dw = dy.t() @ x
+    if need_a:
+        da = (dt.to(x.dtype).t() @ x).to(a.dtype)
+    return dx, dw, da

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from svk.ops import _checks, _dispatch
+from svk.ops._common import input_side_grads
 from svk.ops._library import differentiable_op
 
 ONE_PASS_MAX_ROWS = 256
@@ -109,16 +110,8 @@ def _backward(dy, x, weight, a, s, b, bias, cores, ids, t, scaling, strategy, ne
     dp = _core_rows(du, cores, ids, strategy, transpose=True) if (
         need_x or need_a or need_s) else None
     dt = dp * sf if dp is not None else None
-    if need_x:
-        if triton_path:
-            grads[0] = kernels.xw_plus_ub(dy, weight, dt, a, w_transposed=True,
-                                          v_transposed=True)
-        else:
-            grads[0] = torch.addmm(dy @ weight, dt.to(dy.dtype), a.to(dy.dtype))
-    if need_w:
-        grads[1] = dy.t() @ x
-    if need_a:
-        grads[2] = (dt.to(x.dtype).t() @ x).to(a.dtype)
+    grads[0], grads[1], grads[2] = input_side_grads(
+        dy, x, weight, a, dt, need_x=need_x, need_w=need_w, need_a=need_a, triton=triton_path)
     if need_s:
         grads[3] = (dp * t).sum(0).to(s.dtype)
     if need_b:

@@ -11,7 +11,8 @@ import torch
 
 from svk.kernels._limits import MAX_EPILOGUE_RANK, rank_pad
 from svk.ops import _checks, _dispatch
-from svk.ops._common import acc_dtype, b_eff as _b_eff, down_projection_rank
+from svk.ops._common import acc_dtype, down_projection_rank, input_side_grads
+from svk.ops._common import b_eff as _b_eff
 from svk.ops._library import differentiable_op
 
 def _forward(x, weight, a, s, b, bias, core, out_scale, scaling, strategy):
@@ -44,7 +45,22 @@ def _merged_weight(weight, a, s, b_eff, core):
 
 
 def _backward(dy, x, weight, a, s, b, bias, core, out_scale, t, scaling, strategy, needs):
-    """Gradients of (x, weight, a, s, b, bias, core, out_scale); see SVLinearFunction."""
+    """Gradients of (x, weight, a, s, b, bias, core, out_scale), None where not needed.
+
+    Forward: t = x·aᵀ, p = t ⊙ s, u = p·coreᵀ, y = x·Wᵀ + bias + u·b_effᵀ with
+    b_eff = scaling·out_scale ⊙ b. Chain rule, with dy (M, out):
+
+      du        = dy·b_eff                      (M, r)   one skinny pass over dy (x_at kernel)
+      dp        = du·core ;  dt = dp ⊙ s        (u = p·coreᵀ, p = t ⊙ s)
+      ds        = Σ_rows dp ⊙ t ;  dcore = duᵀ·p
+      dx        = dy·W + dt·a                   one GEMM-plus-r kernel (dy·W_eff when merged)
+      dW        = dyᵀ·x ;  da = dtᵀ·x ;  dbias = Σ_rows dy
+      G         = scaling·dyᵀ·u                 (out, r), one reduction over M
+      db        = out_scale ⊙ G ;  dout_scale = Σ_r b ⊙ G   (y's term is Σ_r u_r·b_eff[:, r])
+
+    Only t is saved (u and p are recomputed from it in O(M·r²)); no (M, out) tensor other
+    than dy exists.
+    """
     need_x, need_w, need_a, need_s, need_b, need_bias, need_core, need_os = needs
     acc = acc_dtype(x)
     b_eff = _b_eff(b, out_scale, scaling, acc)
@@ -59,19 +75,11 @@ def _backward(dy, x, weight, a, s, b, bias, core, out_scale, t, scaling, strateg
     dt = dp * sf
     p = t * sf
     grads = [None] * 8
-    if need_x:
-        if not triton_path:
-            grads[0] = torch.addmm(dy @ weight, dt.to(dy.dtype), a.to(dy.dtype))
-        elif strategy == "merged":
-            w_eff = _merged_weight(weight, a, s, b_eff, core)
-            grads[0] = kernels.xw_plus_ub(dy, w_eff, w_transposed=True)
-        else:
-            grads[0] = kernels.xw_plus_ub(dy, weight, dt, a, w_transposed=True,
-                                          v_transposed=True)
-    if need_w:
-        grads[1] = dy.t() @ x
-    if need_a:
-        grads[2] = (dt.to(x.dtype).t() @ x).to(a.dtype)
+    w_eff = (_merged_weight(weight, a, s, b_eff, core)
+             if need_x and strategy == "merged" else None)
+    grads[0], grads[1], grads[2] = input_side_grads(
+        dy, x, weight, a, dt, need_x=need_x, need_w=need_w, need_a=need_a,
+        triton=triton_path, w_eff=w_eff)
     if need_s:
         grads[3] = (dp * t).sum(0).to(s.dtype)
     if need_b or need_os:

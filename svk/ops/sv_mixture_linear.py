@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from svk.ops import _checks, _dispatch
 from svk.ops._common import acc_dtype as _acc_dtype
 from svk.ops._common import b_eff as _b_eff
-from svk.ops._common import down_projection_rank
+from svk.ops._common import down_projection_rank, input_side_grads
 from svk.ops._library import differentiable_op
 
 _ARGS = ("x", "weight", "a", "lambdas", "gate_in", "gate_out", "b", "bias", "out_scale")
@@ -116,16 +116,9 @@ def _backward(dy, x, weight, a, lambdas, gate_in, gate_out, b, bias, out_scale, 
             grads[4] = dgate_in.to(gate_in.dtype)
         if need_go:
             grads[5] = dgate_out.to(gate_out.dtype)
-    if need_x:
-        if strategy == "torch":
-            grads[0] = torch.addmm(dy @ weight, dt.to(dy.dtype), a.to(dy.dtype))
-        else:
-            from svk.kernels import xw_plus_ub
-            grads[0] = xw_plus_ub(dy, weight, dt, a, w_transposed=True, v_transposed=True)
-    if need_a:
-        grads[2] = (dt.to(x.dtype).t() @ x).to(a.dtype)
-    if need_w:
-        grads[1] = dy.t() @ x
+    grads[0], grads[1], grads[2] = input_side_grads(
+        dy, x, weight, a, dt, need_x=need_x, need_w=need_w, need_a=need_a,
+        triton=strategy != "torch")
     if need_u:
         if u is None:
             u = (t * (g @ lambdas.to(acc))).to(dy.dtype)
