@@ -29,6 +29,39 @@ def configs(gpu_configs, interpreter_config):
     return gpu_configs
 
 
+# Set by compile_check (no device to ask); None: ask the current CUDA device.
+SHARED_MEMORY_LIMIT = None
+
+
+def shared_memory_limit(device):
+    """Bytes of shared memory one program may opt into on `device` (227 KiB on an H100)."""
+    if SHARED_MEMORY_LIMIT is not None or device.type != "cuda":
+        return SHARED_MEMORY_LIMIT
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return torch.cuda.get_device_properties(index).shared_memory_per_block_optin
+
+
+def prune_by_shared_memory(stage_bytes):
+    """An autotune early_config_prune dropping configs whose pipelined loads cannot fit.
+
+    stage_bytes(config, args) is the bytes one K step loads into shared memory (the tiles of
+    every operand, each in its own dtype). Triton's pipeliner keeps num_stages − 1 of them
+    in flight, which is what sm_90 compiles of these kernels allocate (compile_check prints
+    the real numbers); a config over the limit could never launch, and the autotuner would
+    compile it only to find that out. The smallest config always survives."""
+    def prune(configs_, args, **kwargs):
+        tensor = next(v for v in args.values() if isinstance(v, torch.Tensor))
+        limit = shared_memory_limit(tensor.device)
+        if limit is None or len(configs_) == 1:
+            return configs_
+        named = {**args, **kwargs}
+        need = {c: max(c.num_stages - 1, 1) * stage_bytes({**named, **c.kwargs})
+                for c in configs_}
+        kept = [c for c in configs_ if need[c] <= limit]
+        return kept or [min(configs_, key=need.get)]
+    return prune
+
+
 def check_device(*tensors):
     for t in tensors:
         if t is None:

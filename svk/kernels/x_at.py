@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from svk.kernels._common import (LAUNCHES, MAX_EPILOGUE_RANK, check_device, configs,
-                                 dot_precision, m_bucket, rank_pad)
+                                 dot_precision, m_bucket, prune_by_shared_memory, rank_pad)
 from svk.kernels._tiles import x_at_tile
 
 _CONFIGS = configs(
@@ -20,7 +20,14 @@ _CONFIGS = configs(
 )
 
 
-@triton.autotune(configs=_CONFIGS, key=["M_BUCKET", "K", "BLOCK_R"])
+# One K step loads an x tile and an a tile (a in its own dtype, often fp32).
+X_AT_STAGE_BYTES = prune_by_shared_memory(
+    lambda a: a["BLOCK_K"] * (a["BLOCK_M"] * a["X"].element_size()
+                              + a["BLOCK_R"] * a["A"].element_size()))
+
+
+@triton.autotune(configs=_CONFIGS, key=["M_BUCKET", "K", "BLOCK_R"],
+                 prune_configs_by={"early_config_prune": X_AT_STAGE_BYTES})
 @triton.jit
 def _x_at_kernel(
     X, A, S, CORE, T, U,

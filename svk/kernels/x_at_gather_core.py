@@ -12,6 +12,7 @@ import triton.language as tl
 from svk.kernels._common import (LAUNCHES, MAX_EPILOGUE_RANK, check_device, configs,
                                  dot_precision, m_bucket, rank_pad)
 from svk.kernels._tiles import x_at_tile
+from svk.kernels.x_at import X_AT_STAGE_BYTES
 from svk.kernels.gather_core import gathered_core_matvec
 
 _CONFIGS = configs(
@@ -22,7 +23,8 @@ _CONFIGS = configs(
 )
 
 
-@triton.autotune(configs=_CONFIGS, key=["M_BUCKET", "K", "BLOCK_R"])
+@triton.autotune(configs=_CONFIGS, key=["M_BUCKET", "K", "BLOCK_R"],
+                 prune_configs_by={"early_config_prune": X_AT_STAGE_BYTES})
 @triton.jit
 def _x_at_gather_core_kernel(
     X, A, S, CORES, IDS, T, U,

@@ -46,14 +46,16 @@ import triton
 import triton.language as tl
 
 from svk.kernels._common import (INTERPRET, LAUNCHES, check_device, configs, dot_precision,
-                                 m_bucket)
+                                 m_bucket, prune_by_shared_memory)
 from svk.kernels._tiles import x_at_tile
 from svk.kernels.x_at import x_at
 
 _CONFIGS = configs(
     [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk, "BLOCK_R": br}, num_warps=w, num_stages=st)
-     for bm, bk, br, w, st in [(16, 128, 128, 4, 3), (32, 64, 128, 4, 3), (64, 64, 128, 8, 3),
-                               (64, 128, 64, 4, 3), (128, 64, 64, 8, 3), (128, 32, 128, 8, 2)]],
+     # sm_90 compiles (python -m svk.kernels.compile_check, r = 1024): none of these spills;
+     # (16, 128, 128, 4, 3), (32, 64, 128, 4, 3) and (128, 32, 128, 8, 2) did (8–64 B/thread).
+     for bm, bk, br, w, st in [(16, 128, 128, 4, 2), (32, 64, 128, 8, 3), (64, 64, 128, 8, 3),
+                               (64, 128, 64, 4, 3), (128, 64, 64, 8, 3), (64, 32, 128, 8, 2)]],
     # Under the interpreter: BLOCK_R = 16 so that test ranks (5, 37) exercise both a single
     # rank tile and the multi-tile loops.
     {"BLOCK_M": 16, "BLOCK_K": 32, "BLOCK_R": 16},
@@ -64,7 +66,25 @@ _CONFIGS = configs(
 _TYPICAL_BLOCK_M = 64
 
 
-@triton.autotune(configs=_CONFIGS, key=["M_BUCKET", "K", "R", "BLOCK_H", "T_GIVEN"])
+_FITS_SHARED_MEMORY = prune_by_shared_memory(
+    lambda a: a["BLOCK_K"] * (a["BLOCK_M"] * a["X"].element_size()
+                              + (0 if a["T_GIVEN"] else a["BLOCK_R"] * a["A"].element_size())))
+
+
+def _prune(configs_, args, **kwargs):
+    """Rank tiles no wider than the rank (a 128-wide tile for r = 16 is 8× wasted work),
+    then drop what cannot fit in shared memory."""
+    widest = max(16, triton.next_power_of_2(args["R"]))
+    capped = {}
+    for c in configs_:
+        kw = dict(c.kwargs, BLOCK_R=min(c.kwargs["BLOCK_R"], widest))
+        capped.setdefault(tuple(sorted(kw.items())) + (c.num_warps, c.num_stages),
+                          triton.Config(kw, num_warps=c.num_warps, num_stages=c.num_stages))
+    return _FITS_SHARED_MEMORY(list(capped.values()), args, **kwargs)
+
+
+@triton.autotune(configs=_CONFIGS, key=["M_BUCKET", "K", "R", "BLOCK_H", "T_GIVEN"],
+                 prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _x_at_router_kernel(
     X, A, GATE_IN, GATE_OUT, LAMBDAS, T, G, U,
@@ -178,7 +198,9 @@ def x_at_router(x, a, gate_in, gate_out, lambdas, *, fuse_t=None):
 
 _BWD_CONFIGS = configs(
     [triton.Config({"BLOCK_R": br}, num_warps=w, num_stages=st)
-     for br, w, st in [(64, 4, 2), (128, 4, 2), (128, 8, 2), (256, 8, 2)]],
+     # sm_90 compiles: 128- and 256-wide rank tiles with two stages spilled 400–776 B/thread;
+     # one stage at 128 and everything at ≤ 64 does not.
+     for br, w, st in [(32, 4, 2), (64, 4, 2), (64, 8, 2), (128, 8, 1)]],
     {"BLOCK_R": 16},
 )
 

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from svk.kernels._common import (LAUNCHES, MAX_EPILOGUE_RANK, check_device, configs,
-                                 dot_precision, m_bucket, rank_pad)
+                                 dot_precision, m_bucket, prune_by_shared_memory, rank_pad)
 from svk.kernels._tiles import grouped_tile, xw_and_xa_tiles
 
 _GPU_CONFIGS = [
@@ -31,7 +31,16 @@ _GPU_CONFIGS = [
 _CONFIGS = configs(_GPU_CONFIGS, {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2})
 
 
-@triton.autotune(configs=_CONFIGS, key=["M_BUCKET", "N", "K", "R", "ONE_PASS"])
+# One K step loads an x tile, a W tile and, in one pass, an a tile.
+XW_XA_STAGE_BYTES = prune_by_shared_memory(
+    lambda a: a["BLOCK_K"] * (a["BLOCK_M"] * a["X"].element_size()
+                              + a["BLOCK_N"] * a["W"].element_size()
+                              + (a["BLOCK_R"] * a["A"].element_size()
+                                 if a.get("ONE_PASS", True) else 0)))
+
+
+@triton.autotune(configs=_CONFIGS, key=["M_BUCKET", "N", "K", "R", "ONE_PASS"],
+                 prune_configs_by={"early_config_prune": XW_XA_STAGE_BYTES})
 @triton.jit
 def _xw_plus_ub_kernel(
     X, W, U, V, BIAS, A, S, CORE, T, Y,

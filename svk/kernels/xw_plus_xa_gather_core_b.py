@@ -17,6 +17,7 @@ import triton.language as tl
 from svk.kernels._common import (LAUNCHES, MAX_EPILOGUE_RANK, check_device, configs,
                                  dot_precision, m_bucket, rank_pad)
 from svk.kernels._tiles import grouped_tile, xw_and_xa_tiles
+from svk.kernels.xw_plus_ub import XW_XA_STAGE_BYTES
 from svk.kernels.gather_core import gathered_core_matvec
 
 _CONFIGS = configs(
@@ -29,7 +30,8 @@ _CONFIGS = configs(
 )
 
 
-@triton.autotune(configs=_CONFIGS, key=["M_BUCKET", "N", "K", "BLOCK_R"])
+@triton.autotune(configs=_CONFIGS, key=["M_BUCKET", "N", "K", "BLOCK_R"],
+                 prune_configs_by={"early_config_prune": XW_XA_STAGE_BYTES})
 @triton.jit
 def _xw_plus_xa_gather_core_b_kernel(
     X, W, A, S, CORES, IDS, V, BIAS, T, Y,
