@@ -18,6 +18,15 @@ def _median_ms(bench):
     return extra.get("median_ms", bench["stats"]["median"] * 1e3)
 
 
+def _floor_line(extra):
+    """The case's two floors (benchmarks/floors.py), when it counted its work."""
+    if "flops" not in extra:
+        return ""
+    return (f"floors: {extra['flops'] / 1e9:.3g} GFLOP at {extra['matrix_tflops']:.3g} TFLOP/s "
+            f"= {extra['flop_floor_ms']:.3g} ms; {extra['bytes'] / 1e6:.3g} MB at "
+            f"{extra['copy_gbps']:.3g} GB/s = {extra['byte_floor_ms']:.3g} ms\n")
+
+
 def _rows(benchmarks):
     groups = {}
     for bench in benchmarks:
@@ -25,17 +34,19 @@ def _rows(benchmarks):
     lines = []
     for group, items in groups.items():
         by_provider = {b["extra_info"].get("provider"): _median_ms(b) for b in items}
-        lines += [f"\n**{group}**\n", "| benchmark | provider | median ms | × reference | "
-                  "× base | saved for backward |", "|---|---|---|---|---|---|"]
+        lines += [f"\n**{group}**\n", _floor_line(items[0]["extra_info"]),
+                  "| benchmark | provider | median ms | × reference | × base | × floor | "
+                  "saved for backward |", "|---|---|---|---|---|---|---|"]
         for bench in items:
             extra = bench["extra_info"]
             ms = _median_ms(bench)
             ref, base = by_provider.get("reference"), by_provider.get("base")
+            floor = max(extra.get("flop_floor_ms", 0), extra.get("byte_floor_ms", 0))
             saved = extra.get("saved_bytes")
             lines.append(
                 f"| {bench['name'].split('[')[-1].rstrip(']')} | {extra.get('provider', '')} | "
                 f"{ms:.3f} | {f'{ref / ms:.2f}× faster' if ref else ''} | "
-                f"{f'{ms / base:.2f}' if base else ''} | "
+                f"{f'{ms / base:.2f}' if base else ''} | {f'{ms / floor:.2f}' if floor else ''} | "
                 f"{'' if saved is None else f'{saved / 2**20:.2f} MiB'} |")
     return lines
 

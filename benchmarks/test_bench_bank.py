@@ -21,6 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from benchmarks.floors import floors, linear_adapter_work
 from benchmarks.utils import measure
 from svk import reference
 from svk.ops.sv_bank_linear import sv_bank_linear
@@ -105,11 +106,13 @@ def test_bank_layer_decode(benchmark, monkeypatch, provider, resident, shape):
             if provider == "merge":
                 return merged_rows(x, weight, bias, a, s, b, cores, ids, 1.0)
             return sv_bank_linear(x, weight, a, s, b, cores, ids, bias=bias, backend=backend)
+    work = linear_adapter_work(m, in_f, out_f, RANK, x.element_size(), mode="fwd", core=True,
+                               cores_read=min(m, resident) * RANK * RANK * cores.element_size())
     measure(benchmark, run, DEVICE, provider=provider, rounds=_rounds(provider), M=m,
             in_features=in_f, out_features=out_f, rank=RANK, dtype=str(DTYPE),
             resident_adapters=resident, distinct_in_batch=min(m, resident),
             adapters_per_gb_per_layer=adapters_per_gb(1, DTYPE),
-            cores_bytes=cores.numel() * cores.element_size())
+            cores_bytes=cores.numel() * cores.element_size(), **floors(*work, DEVICE, DTYPE))
 
 
 # Whole model ------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from benchmarks.floors import floors, linear_adapter_work
 from benchmarks.utils import measure, saved_bytes
 from svk import reference
 from svk.ops.sv_linear import sv_linear
@@ -87,6 +88,9 @@ def test_sv_mixture_linear(benchmark, provider, mode, shape):
     saved = saved_bytes(lambda: forward(provider, t), exclude=list(t.values()))
     # CPU timings on a shared machine are noisy: more rounds for a steadier median.
     rounds = None if DEVICE.type == "cuda" else 15
+    # The router's (M, k)·(k, m) products are small next to these and are left out.
+    work = linear_adapter_work(m, in_f, out_f, k, t["x"].element_size(), mode=mode,
+                               out_scale=True)
     measure(benchmark, run, DEVICE, provider=provider, rounds=rounds, saved_bytes=saved, M=m,
             in_features=in_f, out_features=out_f, rank=k, heads=heads, dtype=str(DTYPE),
-            mode=mode, method="mosara")
+            mode=mode, method="mosara", **floors(*work, DEVICE, DTYPE))

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import svk
+from benchmarks.floors import floors, linear_adapter_work
 from benchmarks.utils import measure, saved_bytes
 from svk import reference
 
@@ -80,6 +81,8 @@ def test_sv_linear(benchmark, monkeypatch, provider, mode, method, shape):
             torch.autograd.grad(y, params, dy)
     saved = saved_bytes(lambda: forward(provider, t), exclude=list(t.values()))
     m, in_f, out_f, r = shape
+    work = linear_adapter_work(m, in_f, out_f, r, t["x"].element_size(), mode=mode,
+                               core=method == "lora_xs", grads=TRAINABLE[method])
     measure(benchmark, run, DEVICE, provider=provider, saved_bytes=saved, M=m, in_features=in_f,
             out_features=out_f, rank=r, dtype=str(DTYPE), method=method, mode=mode,
-            strategy=os.environ.get("SVK_STRATEGY", "auto"))
+            strategy=os.environ.get("SVK_STRATEGY", "auto"), **floors(*work, DEVICE, DTYPE))
