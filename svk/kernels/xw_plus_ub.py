@@ -31,12 +31,23 @@ _GPU_CONFIGS = [
 _CONFIGS = configs(_GPU_CONFIGS, {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2})
 
 
-# One K step loads an x tile, a W tile and, in one pass, an a tile.
-XW_XA_STAGE_BYTES = prune_by_shared_memory(
-    lambda a: a["BLOCK_K"] * (a["BLOCK_M"] * a["X"].element_size()
-                              + a["BLOCK_N"] * a["W"].element_size()
-                              + (a["BLOCK_R"] * a["A"].element_size()
-                                 if a.get("ONE_PASS", True) else 0)))
+def _stage_bytes(a):
+    """One K step loads an x tile, a W tile and, in one pass, an a tile; the fused variant's
+    rank loop is pipelined too, with a u tile (fp32) and a b tile per step. Its buffers are
+    allocated apart from the K loop's: sm_90 compiles at r = 64 needed the larger of the two
+    loops, not their sum (compile_check)."""
+    k_step = a["BLOCK_K"] * (a["BLOCK_M"] * a["X"].element_size()
+                             + a["BLOCK_N"] * a["W"].element_size()
+                             + (a["BLOCK_R"] * a["A"].element_size()
+                                if a.get("ONE_PASS", True) else 0))
+    if a.get("ONE_PASS", True) or not a.get("HAS_LOWRANK", False):
+        return k_step
+    r_step = a["BLOCK_R"] * (a["BLOCK_M"] * a["U"].element_size()
+                             + a["BLOCK_N"] * a["V"].element_size())
+    return max(k_step, r_step)
+
+
+XW_XA_STAGE_BYTES = prune_by_shared_memory(_stage_bytes)
 
 
 @triton.autotune(configs=_CONFIGS, key=["M_BUCKET", "N", "K", "R", "ONE_PASS"],
