@@ -36,11 +36,12 @@ def _best_ms(fn, device, repeat):
 
 
 @functools.lru_cache(maxsize=None)
-def rates(device_type, dtype_name):
-    """(matrix rate in TFLOP/s, copy bandwidth in GB/s), measured now on this device."""
+def rates(device_type, dtype_name, threads):
+    """(matrix rate in TFLOP/s, copy bandwidth in GB/s), measured now on this device with
+    this many CPU threads (some benchmark modules run single-threaded)."""
     device = torch.device(device_type)
     dtype = getattr(torch, dtype_name)
-    n = 8192 if device.type == "cuda" else 1024
+    n = 8192 if device.type == "cuda" else 2048
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     gemm_ms = _best_ms(lambda: a @ b, device, repeat=9)
@@ -53,7 +54,8 @@ def rates(device_type, dtype_name):
 
 def floors(flops, nbytes, device, dtype):
     """extra_info entries: the case's work, the two rates and the two floors in ms."""
-    tflops, gbps = rates(device.type, str(dtype).replace("torch.", ""))
+    tflops, gbps = rates(device.type, str(dtype).replace("torch.", ""),
+                         torch.get_num_threads() if device.type == "cpu" else 0)
     return dict(flops=flops, bytes=nbytes, matrix_tflops=tflops, copy_gbps=gbps,
                 flop_floor_ms=flops / tflops / 1e9, byte_floor_ms=nbytes / gbps / 1e6)
 
