@@ -63,3 +63,17 @@ def test_router_prune_caps_the_rank_tile(monkeypatch):
     args["R"] = 1000
     assert [c.kwargs["BLOCK_R"] for c in router._prune(configs, args, T_GIVEN=False)] == [
         32, 64, 128]
+
+
+def test_one_pass_keeps_tiles_of_at_most_64_rows(monkeypatch):
+    import sys
+    xw = sys.modules["svk.kernels.xw_plus_ub"]
+    monkeypatch.setattr(_common, "SHARED_MEMORY_LIMIT", 227 * 1024)
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": 128, "BLOCK_K": 64, "BLOCK_R": 16},
+                             num_warps=4, num_stages=3) for bm in (16, 64, 128, 256)]
+    tensor = torch.empty(1, 1, dtype=torch.bfloat16)
+    args = {"X": tensor, "W": tensor, "A": torch.empty(1, 1), "U": torch.empty(1, 1),
+            "V": torch.empty(1, 1)}
+    rows = lambda kept: [c.kwargs["BLOCK_M"] for c in kept]  # noqa: E731
+    assert rows(xw._prune(configs, args, ONE_PASS=True, HAS_LOWRANK=True)) == [16, 64]
+    assert rows(xw._prune(configs, args, ONE_PASS=False, HAS_LOWRANK=True)) == [16, 64, 128, 256]

@@ -9,6 +9,13 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 from svk.kernels._limits import MAX_EPILOGUE_RANK, rank_pad  # noqa: F401  (re-exported)
 
+# The r-sized epilogue products (t·coreᵀ, the router's g·lambdas) have fp32 operands. "ieee"
+# makes them FMA loops whose operand layouts cost registers: sm_90 compiles spilled 88–832
+# B/thread at r = 64 (compile_check). "tf32x3" runs them on tensor cores at about fp32
+# accuracy (three TF32 products of split operands). The interpreter computes in fp32 anyway.
+EPILOGUE_PRECISION = "ieee" if INTERPRET else "tf32x3"
+
+
 def m_bucket(m: int) -> int:
     """Autotune key for the row count: powers of two, so a new batch size rarely retunes."""
     return min(triton.next_power_of_2(max(m, 1)), 1 << 16)

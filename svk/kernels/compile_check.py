@@ -41,6 +41,10 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024, 100: 227 * 1024}
 
 
+# The case _drive is running, recorded with every compile.
+_CASE = {"label": ""}
+
+
 class CompileOnlyDriver(DriverBase):
     """Just enough of a driver for JITFunction to specialise and compile: device 0, stream 0,
     a fixed target. Launching through it is impossible (there is no device)."""
@@ -111,7 +115,7 @@ def compile_only(arch, records):
 
     def jit_run(self, *args, grid, warmup, **kwargs):
         constexprs = {k: v for k, v in kwargs.items() if k.isupper()}
-        record = dict(kernel=self.__name__, spec=_specialisation(args),
+        record = dict(kernel=self.__name__, case=_CASE["label"], spec=_specialisation(args),
                       config={**current.get("config", {}), **constexprs})
         try:
             kernel = saved["jit_run"](self, *args, grid=grid, warmup=True, **kwargs)
@@ -176,7 +180,9 @@ def _drive(cases):
     g = torch.Generator().manual_seed(0)
     for dtype, tf32, (m, k, n, r) in cases:
         torch.backends.cuda.matmul.allow_tf32 = tf32
-        print(f"compiling {dtype}{' tf32' if tf32 else ''} M={m} K={k} N={n} r={r}", flush=True)
+        _CASE["label"] = (f"{str(dtype).replace('torch.', '')}{'+tf32' if tf32 else ''} "
+                          f"M={m} K={k} N={n} r={r}")
+        print("compiling", _CASE["label"], flush=True)
         x = torch.randn(m, k, generator=g).to(dtype).requires_grad_()
         w = torch.randn(n, k, generator=g).to(dtype)
         bias = torch.randn(n, generator=g).to(dtype)
@@ -265,6 +271,13 @@ def main(argv=None):
               + (f", registers {min(regs)}–{max(regs)}" if regs else "")
               + (f", shared {min(smem) // 1024}–{max(smem) // 1024} KiB" if smem else ""))
     found = problems(records, args.arch)
+    print("per case: configs compiled, of which spill (most bytes/thread) or overflow shared memory")
+    for case in dict.fromkeys(r["case"] for r in records):
+        recs = [r for r in records if r["case"] == case and "error" not in r]
+        spills = [r["spilled_bytes"] for r in recs if r.get("spilled_bytes")]
+        over = [r for r in found if r[0]["case"] == case and r[1][0] == "shared"]
+        print(f"  {case}: {len(recs)}, {len(spills)} spill"
+              + (f" (≤ {max(spills)} B)" if spills else "") + f", {len(over)} overflow")
     for rec, why in found:
         print(f"{why[0]:7} {rec['kernel']} {_brief(rec)}: {why[1]}")
     failed = [why for _, why in found if why[0] == "error" or args.strict]
@@ -276,8 +289,7 @@ def _brief(rec):
     config = rec["config"]
     tiles = "/".join(f"{k[6:]}{v}" for k, v in config.items() if k.startswith("BLOCK_"))
     flags = ",".join(k for k, v in config.items() if v is True)
-    dtype = rec["spec"].split(",")[0]
-    return (f"{dtype} {tiles} w{config.get('num_warps')} s{config.get('num_stages')}"
+    return (f"[{rec['case']}] {tiles} w{config.get('num_warps')} s{config.get('num_stages')}"
             + (f" {flags}" if flags else ""))
 
 

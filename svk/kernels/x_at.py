@@ -8,9 +8,12 @@ import torch
 import triton
 import triton.language as tl
 
-from svk.kernels._common import (LAUNCHES, MAX_EPILOGUE_RANK, check_device, configs,
-                                 dot_precision, m_bucket, prune_by_shared_memory, rank_pad)
+from svk.kernels._common import (EPILOGUE_PRECISION, LAUNCHES, MAX_EPILOGUE_RANK,
+                                 check_device, configs, dot_precision, m_bucket,
+                                 prune_by_shared_memory, rank_pad)
 from svk.kernels._tiles import x_at_tile
+
+_EPILOGUE = tl.constexpr(EPILOGUE_PRECISION)
 
 _CONFIGS = configs(
     [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=st)
@@ -57,7 +60,7 @@ def _x_at_kernel(
             # u·coreᵀ needs the whole rank in this program: the launcher sets BLOCK_R ≥ R.
             core_t = tl.load(CORE + ranks[None, :] * stride_cr + ranks[:, None] * stride_cc,
                              mask=rank_ok[:, None] & rank_ok[None, :], other=0.0)
-            u = tl.dot(u, core_t.to(tl.float32), input_precision="ieee")
+            u = tl.dot(u, core_t.to(tl.float32), input_precision=_EPILOGUE)
         tl.store(U + rows[:, None] * stride_um + ranks[None, :] * stride_ur, u, mask=out_mask)
 
 

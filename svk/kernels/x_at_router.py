@@ -45,10 +45,12 @@ import torch
 import triton
 import triton.language as tl
 
-from svk.kernels._common import (INTERPRET, LAUNCHES, check_device, configs, dot_precision,
-                                 m_bucket, prune_by_shared_memory)
+from svk.kernels._common import (EPILOGUE_PRECISION, INTERPRET, LAUNCHES, check_device,
+                                 configs, dot_precision, m_bucket, prune_by_shared_memory)
 from svk.kernels._tiles import x_at_tile
 from svk.kernels.x_at import x_at
+
+_EPILOGUE = tl.constexpr(EPILOGUE_PRECISION)
 
 _CONFIGS = configs(
     [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk, "BLOCK_R": br}, num_warps=w, num_stages=st)
@@ -138,7 +140,7 @@ def _x_at_router_kernel(
                     mask=t_mask, other=0.0)
         lam = tl.load(LAMBDAS + heads[:, None] * stride_lh + (r0 + rs)[None, :] * stride_lr,
                       mask=head_ok[:, None] & rank_ok[None, :], other=0.0).to(tl.float32)
-        s_eff = tl.dot(g, lam, input_precision="ieee")
+        s_eff = tl.dot(g, lam, input_precision=_EPILOGUE)
         tl.store(U + rows[:, None] * stride_um + (r0 + rs)[None, :] * stride_ur, t * s_eff,
                  mask=t_mask)
 
@@ -198,9 +200,10 @@ def x_at_router(x, a, gate_in, gate_out, lambdas, *, fuse_t=None):
 
 _BWD_CONFIGS = configs(
     [triton.Config({"BLOCK_R": br}, num_warps=w, num_stages=st)
-     # sm_90 compiles: 128- and 256-wide rank tiles with two stages spilled 400–776 B/thread;
-     # one stage at 128 and everything at ≤ 64 does not.
-     for br, w, st in [(32, 4, 2), (64, 4, 2), (64, 8, 2), (128, 8, 1)]],
+     # sm_90 compiles at r = 1024 (Triton 3.6 and 3.9): these four do not spill; 128- and
+     # 256-wide tiles with two stages spilled 368–776 B/thread, 64-wide on 4 warps 32 B. Its
+     # three fp32 products stay "ieee": as tf32x3 they spilled more (224–624 B).
+     for br, w, st in [(32, 4, 2), (32, 8, 2), (64, 8, 2), (128, 8, 1)]],
     {"BLOCK_R": 16},
 )
 

@@ -15,9 +15,12 @@ import torch
 import triton
 import triton.language as tl
 
-from svk.kernels._common import (LAUNCHES, MAX_EPILOGUE_RANK, check_device, configs,
-                                 dot_precision, m_bucket, prune_by_shared_memory, rank_pad)
+from svk.kernels._common import (EPILOGUE_PRECISION, LAUNCHES, MAX_EPILOGUE_RANK,
+                                 check_device, configs, dot_precision, m_bucket,
+                                 prune_by_shared_memory, rank_pad)
 from svk.kernels._tiles import grouped_tile, xw_and_xa_tiles
+
+_EPILOGUE = tl.constexpr(EPILOGUE_PRECISION)
 
 _GPU_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
@@ -50,8 +53,17 @@ def _stage_bytes(a):
 XW_XA_STAGE_BYTES = prune_by_shared_memory(_stage_bytes)
 
 
+def _prune(configs_, args, **kwargs):
+    """One pass runs only for M ≤ 256 rows (the dispatcher's rule), where 128- and 256-row
+    tiles leave most of the GPU idle, and with the r-sized epilogue they spilled 400–530
+    B/thread on sm_90 at r = 64 (compile_check): keep tiles of at most 64 rows there."""
+    if kwargs.get("ONE_PASS"):
+        configs_ = [c for c in configs_ if c.kwargs["BLOCK_M"] <= 64] or configs_
+    return XW_XA_STAGE_BYTES(configs_, args, **kwargs)
+
+
 @triton.autotune(configs=_CONFIGS, key=["M_BUCKET", "N", "K", "R", "ONE_PASS"],
-                 prune_configs_by={"early_config_prune": XW_XA_STAGE_BYTES})
+                 prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _xw_plus_ub_kernel(
     X, W, U, V, BIAS, A, S, CORE, T, Y,
@@ -87,7 +99,7 @@ def _xw_plus_ub_kernel(
             if HAS_CORE:
                 core_t = tl.load(CORE + rs[None, :] * stride_cr + rs[:, None] * stride_cc,
                                  mask=rank_ok[:, None] & rank_ok[None, :], other=0.0)
-                u = tl.dot(u, core_t.to(tl.float32), input_precision="ieee")
+                u = tl.dot(u, core_t.to(tl.float32), input_precision=_EPILOGUE)
             v_t = tl.load(V + cols[None, :] * stride_vn + rs[:, None] * stride_vr,
                           mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
             acc = tl.dot(u.to(X.dtype.element_ty), v_t.to(X.dtype.element_ty), acc,
