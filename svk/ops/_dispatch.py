@@ -5,7 +5,10 @@ variable SVK_BACKEND (auto|triton|torch) changes what "auto" means. A forced bac
 cannot run raises; it never falls back silently. SVK_STRATEGY (fused|one_pass|merged) forces
 the Triton strategy, for benchmarks and tests.
 """
+import functools
+import json
 import os
+import pathlib
 
 import torch
 
@@ -63,23 +66,50 @@ def forced_strategy():
     return value
 
 
-def choose_strategy(m, in_features, out_features, padded_rank, max_epilogue_rank):
+# Cut-offs measured per GPU by benchmarks/tune_strategy.py, keyed by torch's device name.
+CUTOFFS_FILE = pathlib.Path(__file__).with_name("strategy_cutoffs.json")
+# Until a GPU has been measured: one pass up to 256 rows, merged once M·(in+out) ≥ 4·in·out
+# (from FLOP counting, see choose_strategy).
+DEFAULT_CUTOFFS = {"one_pass_max_rows": 256, "merged_min_ratio": 4.0}
+
+
+@functools.lru_cache(maxsize=None)
+def _measured_cutoffs():
+    return json.loads(CUTOFFS_FILE.read_text()).get("devices", {})
+
+
+@functools.lru_cache(maxsize=None)
+def cutoffs(device_name):
+    """The strategy cut-offs for a GPU: measured ones when strategy_cutoffs.json holds this
+    device, else DEFAULT_CUTOFFS."""
+    return {**DEFAULT_CUTOFFS, **_measured_cutoffs().get(device_name, {})}
+
+
+@functools.lru_cache(maxsize=None)
+def _device_name(device):
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+def choose_strategy(m, in_features, out_features, padded_rank, max_epilogue_rank,
+                    device=torch.device("cpu")):
     """Fused vs one-pass vs merged for the Triton backend.
 
     one_pass: one launch, x read once; wins where launch latency and the second read of x
     dominate (decode, small M). merged: builds W_eff once (2·out·in·r FLOPs, independent of M)
     and then runs one plain GEMM; it wins once the fused adapter's 2·M·r·(in+out) FLOPs exceed
-    that, i.e. for M·(in+out) well above in·out. The cut-offs are provisional until measured
-    on a GPU (benchmarks/), see the README.
+    that, i.e. for M·(in+out) well above in·out. The two cut-offs come from `cutoffs(device)`:
+    measured on that GPU by benchmarks/tune_strategy.py, or provisional defaults.
     """
     forced = forced_strategy()
     if forced == "one_pass" and padded_rank > max_epilogue_rank:
         raise ValueError(f"SVK_STRATEGY=one_pass needs rank ≤ {max_epilogue_rank}")
     if forced is not None:
         return forced
-    if m <= 256 and padded_rank <= max_epilogue_rank:
+    limits = cutoffs(_device_name(device))
+    if m <= limits["one_pass_max_rows"] and padded_rank <= max_epilogue_rank:
         return "one_pass"
-    if m * (in_features + out_features) >= 4 * in_features * out_features:
+    ratio = limits["merged_min_ratio"]          # None: merged never won where it was measured
+    if ratio is not None and m * (in_features + out_features) >= ratio * in_features * out_features:
         return "merged"
     return "fused"
 

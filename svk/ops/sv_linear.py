@@ -140,6 +140,6 @@ def sv_linear(x, weight, a, s, b, *, bias=None, core=None, out_scale=None, scali
         strategy = "torch"
     else:
         strategy = _dispatch.choose_strategy(x2.shape[0], in_features, out_features,
-                                             rank_pad(r), MAX_EPILOGUE_RANK)
+                                             rank_pad(r), MAX_EPILOGUE_RANK, x.device)
     y = sv_linear_op(x2, weight, a, s, b, bias, core, out_scale, scaling, strategy)
     return y.reshape(*x.shape[:-1], out_features)
