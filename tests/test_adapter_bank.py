@@ -201,3 +201,35 @@ def test_bank_through_triton_kernels(setup, monkeypatch):
         logits = model(x).logits
     torch.testing.assert_close(logits[0], models[1](x[:1]).logits[0], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(logits[1], models[0](x[1:]).logits[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+def test_gpu_cuda_graph_decode_step(setup):
+    """A whole-model decode step (one token per sequence, every row its own adapter) captured
+    once in a CUDA graph and replayed for another batch of adapters by rewriting the static ids
+    in place: the replay gives what eager serving of the new ids gives."""
+    base, paths, models = setup
+    model, bank = make_bank(copy.deepcopy(base).cuda())
+    for k, path in enumerate(paths):
+        bank.add(f"user{k}", path)
+    tokens = prompts(4, length=1).cuda()
+    static_ids = torch.tensor([0, 1, 2, -1], device="cuda")
+    with bank.activate(static_ids):
+        side = torch.cuda.Stream()                      # warm-up (autotuning, compilation)
+        side.wait_stream(torch.cuda.current_stream())   # on a side stream, as capture wants
+        with torch.cuda.stream(side):
+            model(tokens)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            logits = model(tokens).logits
+    new_ids = torch.tensor([2, -1, 0, 1], device="cuda")
+    static_ids.copy_(new_ids)
+    with bank.activate(static_ids):                     # re-validates the rewritten ids
+        graph.replay()
+        torch.cuda.synchronize()
+        expected = model(tokens).logits
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+    with bank.activate(torch.tensor([0, 1, 2, -1], device="cuda")):
+        assert (model(tokens).logits - expected).abs().max() > 1e-3   # the ids mattered

@@ -320,15 +320,21 @@ def test_x_is_saved_only_when_a_gradient_reads_it(trainable, keeps_x):
     y.sum().backward()
 
 
-def test_compile_fullgraph_traces_the_op():
+@pytest.mark.parametrize("bias,core,out_scale", FLAGS)
+def test_compile_fullgraph_traces_the_op(bias, core, out_scale):
     """torch.compile traces the registered op (fake kernels + autograd formula) without graph
-    breaks; aot_eager runs the traced forward and backward graphs on the PyTorch path."""
-    t = on_cpu(make_inputs(trainable=("core", "x")))
+    breaks, with every optional input present or None (the backward's fake kernel once failed
+    on a None bias); aot_eager runs the traced forward and backward graphs on the PyTorch
+    path."""
+    t = on_cpu(make_inputs(trainable=("core", "x"), bias=bias, core=core, out_scale=out_scale))
+    if t["core"] is None:
+        t["s"].requires_grad_(True)
     fn = torch.compile(lambda tt: call(svk.sv_linear, tt, 0.5, backend="torch"),
                        fullgraph=True, backend="aot_eager")
     y = fn(t)
     torch.testing.assert_close(y, call(svk.sv_linear, t, 0.5, backend="torch"))
-    (g_core,) = torch.autograd.grad(y.sum(), [t["core"]])
-    (ref_core,) = torch.autograd.grad(call(svk.sv_linear, t, 0.5, backend="torch").sum(),
-                                      [t["core"]])
-    torch.testing.assert_close(g_core, ref_core)
+    train = [t["core"] if t["core"] is not None else t["s"], t["x"]]
+    grads = torch.autograd.grad(y.sum(), train)
+    expected = torch.autograd.grad(call(svk.sv_linear, t, 0.5, backend="torch").sum(), train)
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want)

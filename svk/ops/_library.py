@@ -71,8 +71,10 @@ def differentiable_op(name, *, args, optional, scalars, extras, forward, backwar
     @backward_op.register_fake
     def _(dy, *call):
         tensors, needs = call[:n_in], call[-1]
-        # x may be the empty stand-in: dx has dy's rows and weight's in-features.
-        shapes = [(dy.shape[0], tensors[1].shape[1])] + [t.shape for t in tensors[1:]]
+        # x may be the empty stand-in: dx has dy's rows and weight's in-features. An optional
+        # input that is None never needs a gradient.
+        shapes = [(dy.shape[0], tensors[1].shape[1])] + [
+            None if t is None else t.shape for t in tensors[1:]]
         return [t.new_empty(shape) if need else dy.new_empty(_NONE)
                 for t, shape, need in zip(tensors, shapes, needs)]
 
