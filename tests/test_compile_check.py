@@ -50,6 +50,11 @@ def test_prune_by_shared_memory(monkeypatch):
     assert prune([big, small, huge], {"X": x}) == [small]
     monkeypatch.setattr(_common, "SHARED_MEMORY_LIMIT", None)   # CPU tensor, no limit known
     assert prune([small, big, huge], {"X": x}) == [small, big, huge]
+    # fp32 activations keep num_stages steps: big needs 4·128·128·4 = 256 KiB.
+    monkeypatch.setattr(_common, "SHARED_MEMORY_LIMIT", 4 * 128 * 128 * 4)
+    assert prune([small, big, huge], {"X": x.float()}) == [small, big]
+    monkeypatch.setattr(_common, "SHARED_MEMORY_LIMIT", 4 * 128 * 128 * 4 - 1)
+    assert prune([small, big, huge], {"X": x.float()}) == [small]
 
 
 def test_router_prune_caps_the_rank_tile(monkeypatch):

@@ -52,17 +52,19 @@ def prune_by_shared_memory(stage_bytes):
     """An autotune early_config_prune dropping configs whose pipelined loads cannot fit.
 
     stage_bytes(config, args) is the bytes one K step loads into shared memory (the tiles of
-    every operand, each in its own dtype). Triton's pipeliner keeps num_stages − 1 of them
-    in flight, which is what sm_90 compiles of these kernels allocate (compile_check prints
-    the real numbers); a config over the limit could never launch, and the autotuner would
-    compile it only to find that out. The smallest config always survives."""
+    every operand, each in its own dtype). sm_90 compiles of these kernels (compile_check)
+    allocate num_stages − 1 such steps for fp16/bf16 activations and num_stages for fp32
+    ones (TF32 or IEEE products), to the byte in the cases checked; a config over the limit
+    could never launch, and the autotuner would compile it only to find that out. The
+    smallest config always survives."""
     def prune(configs_, args, **kwargs):
-        tensor = next(v for v in args.values() if isinstance(v, torch.Tensor))
+        tensor = args["X"]                  # the activations: every pruned kernel has one
         limit = shared_memory_limit(tensor.device)
         if limit is None or len(configs_) == 1:
             return configs_
         named = {**args, **kwargs}
-        need = {c: max(c.num_stages - 1, 1) * stage_bytes({**named, **c.kwargs})
+        lag = 0 if tensor.element_size() >= 4 else 1
+        need = {c: max(c.num_stages - lag, 1) * stage_bytes({**named, **c.kwargs})
                 for c in configs_}
         kept = [c for c in configs_ if need[c] <= limit]
         return kept or [min(configs_, key=need.get)]
