@@ -66,9 +66,10 @@ def linear_adapter_work(m, k, n, r, elem, *, mode, core=False, grads=(), out_sca
     its gradient, the adapter tensors in fp32.
 
     fwd: x·Wᵀ (2mkn), t = x·aᵀ (2mkr), the core (2mr²), u·bᵀ (2mnr); reads x, W, a, b, writes
-    y. bwd adds dx = dy·W (2mkn) + dt·a (2mkr) and du = dy·b_eff (2mnr), reading dy and W and
-    writing dx; da needs x again (2mkr and a re-read of x), db = dyᵀ·u (2mnr), out_scale's
-    gradient Σ dy ⊙ (u·bᵀ) costs dyᵀ·u too (2mnr). cores_read: bytes of gathered cores.
+    y. bwd adds dx = dy·W (2mkn) + dt·a (2mkr), du = dy·b_eff (2mnr) and back through the core
+    (2mr²), reading dy and W and writing dx; da needs x again (2mkr and a re-read of x),
+    dcore = duᵀ·(t ⊙ s) 2mr², db = dyᵀ·u (2mnr), and out_scale's gradient Σ dy ⊙ (u·bᵀ)
+    costs dyᵀ·u too (2mnr, shared with db). cores_read: bytes of gathered cores.
     """
     flops = 2 * m * k * n + 2 * m * k * r + 2 * m * n * r + (2 * m * r * r if core else 0)
     nbytes = (m * k + n * k + m * n) * elem + (r * k + n * r) * 4 + cores_read
@@ -78,6 +79,8 @@ def linear_adapter_work(m, k, n, r, elem, *, mode, core=False, grads=(), out_sca
         if "a" in grads:
             flops += 2 * m * k * r
             nbytes += m * k * elem
+        if "core" in grads:
+            flops += 2 * m * r * r
         if "b" in grads or out_scale:
             flops += 2 * m * n * r
     return flops, nbytes

@@ -28,15 +28,20 @@ gpu=$(python3 -c "import torch; print(torch.cuda.get_device_name().replace(' ', 
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; python3 -m svk.info; } \
     2>&1 | tee "$out/env-$gpu.txt"
 
+# pytest-timeout is in the GPU image; elsewhere run without it.
+timeout_opt() { python3 -c "import pytest_timeout" 2>/dev/null && echo "--timeout=$1"; }
+rc=0
 case "$step" in
 tests)
-    python3 -m pytest tests/ -q -ra --timeout=500 2>&1 | tee "$out/tests-$gpu.log"
+    python3 -m pytest tests/ -q -ra $(timeout_opt 500) 2>&1 | tee "$out/tests-$gpu.log"
+    rc=${PIPESTATUS[0]}
     ;;
 bench)
     name="$gpu"
     for file in "$@"; do name="$name-$(basename "$file" .py | sed 's/^test_bench_//')"; done
-    SVK_BENCH_RESULTS="$(realpath "$out")/$name.json" \
-        python3 -m pytest "${@:-benchmarks/}" -q --timeout=550 2>&1 | tee "$out/bench-$name.log"
+    SVK_BENCH_RESULTS="$(realpath "$out")/$name.json" python3 -m pytest "${@:-benchmarks/}" -q \
+        $(timeout_opt 550) 2>&1 | tee "$out/bench-$name.log"
+    rc=${PIPESTATUS[0]}
     python3 benchmarks/plot.py "$out/$name.json" \
         && tar -cf "$out/plots-$name.tar" -C "$out" $(cd "$out" && ls "$name"-*.png) \
         && rm -f "$out/$name"-*.png
@@ -45,18 +50,29 @@ check)
     arch=$(python3 -c "import torch; print(''.join(map(str, torch.cuda.get_device_capability())))")
     python3 -m svk.kernels.compile_check --arch "$arch" --json "$out/compile-$gpu.json" \
         2>&1 | tee "$out/compile-$gpu.log"
+    rc=${PIPESTATUS[0]}
     ;;
 tune)
     python3 benchmarks/tune_strategy.py 2>&1 | tee "$out/tune-$gpu.log"
-    cp svk/ops/strategy_cutoffs.json benchmarks/results/strategy-"$gpu".json "$out"/ 2>/dev/null
+    rc=${PIPESTATUS[0]}
+    if [ "$(realpath "$out")" != "$(realpath benchmarks/results)" ]; then
+        cp svk/ops/strategy_cutoffs.json benchmarks/results/strategy-"$gpu".json "$out"/
+    fi
     ;;
 profile)
-    ncu --profile-from-start off --section SpeedOfLight --section Occupancy \
-        --section LaunchStats --csv --page details --log-file "$out/ncu-$gpu.csv" \
-        python3 benchmarks/profile_kernels.py 2>&1 | tee "$out/profile-$gpu.log"
+    if command -v ncu > /dev/null; then
+        ncu --profile-from-start off --section SpeedOfLight --section Occupancy \
+            --section LaunchStats --csv --page details --log-file "$out/ncu-$gpu.csv" \
+            python3 benchmarks/profile_kernels.py 2>&1 | tee "$out/profile-$gpu.log"
+    else
+        echo "ncu not found: running the cases without the profiler" | tee "$out/profile-$gpu.log"
+        python3 benchmarks/profile_kernels.py 2>&1 | tee -a "$out/profile-$gpu.log"
+    fi
+    rc=${PIPESTATUS[0]}
     ;;
 *)
     echo "unknown step $step: tests, bench, check, tune or profile" >&2
     exit 2
     ;;
 esac
+exit "$rc"

@@ -29,8 +29,9 @@ ROWS = [1, 16, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]
 STRATEGIES = ("one_pass", "fused", "merged")
 
 
-def time_strategies(shapes=SHAPES, rows=ROWS, dtype=torch.bfloat16):
-    """[{in, out, r, M, strategy, ms}] for every shape, row count and strategy."""
+def time_strategies(shapes=SHAPES, rows=ROWS, dtype=torch.bfloat16, on_shape=None):
+    """[{in, out, r, M, strategy, ms}] for every shape, row count and strategy; on_shape(results)
+    after each shape, so a run cut short keeps what it measured."""
     import triton.testing
 
     import svk
@@ -56,6 +57,8 @@ def time_strategies(shapes=SHAPES, rows=ROWS, dtype=torch.bfloat16):
                                     strategy=strategy, ms=ms))
                 print(f"in {in_f} out {out_f} r {r} M {m:>6} {strategy:>8}: {ms:.4f} ms",
                       flush=True)
+        if on_shape is not None:
+            on_shape(results)
     os.environ.pop("SVK_STRATEGY", None)
     return results
 
@@ -74,12 +77,15 @@ def cutoffs_from_timings(results):
             one_pass_max = m
         else:
             break
-    ratios = sorted(((m * (i + o) / (i * o), t["merged"] <= t["fused"])
-                     for (i, o, _, m), t in points.items() if {"merged", "fused"} <= t.keys()),
-                    reverse=True)
+    # Shapes share ratios (4096→11008 and 11008→4096, r 16 and r 64 at the same M): a ratio
+    # counts as won only if merged won at every point that has it.
+    wins = {}
+    for (i, o, _, m), t in points.items():
+        if {"merged", "fused"} <= t.keys():
+            wins.setdefault(m * (i + o) / (i * o), []).append(t["merged"] <= t["fused"])
     merged_min = None
-    for ratio, merged_wins in ratios:
-        if not merged_wins:
+    for ratio in sorted(wins, reverse=True):
+        if not all(wins[ratio]):
             break
         merged_min = ratio
     return {"one_pass_max_rows": one_pass_max, "merged_min_ratio": merged_min}
@@ -90,12 +96,15 @@ def main():
         raise SystemExit("tune_strategy measures the Triton strategies: it needs a CUDA GPU")
     import triton
     name = torch.cuda.get_device_name()
-    results = time_strategies()
-    found = cutoffs_from_timings(results)
     raw = ROOT / "benchmarks" / "results" / f"strategy-{name.replace(' ', '-')}.json"
-    raw.write_text(json.dumps(dict(gpu=name, torch=torch.__version__,
-                                   triton=triton.__version__, dtype="bfloat16",
-                                   results=results, cutoffs=found), indent=1))
+
+    def save(results, found=None):
+        raw.write_text(json.dumps(dict(gpu=name, torch=torch.__version__,
+                                       triton=triton.__version__, dtype="bfloat16",
+                                       results=results, cutoffs=found), indent=1))
+    results = time_strategies(on_shape=save)
+    found = cutoffs_from_timings(results)
+    save(results, found)
     table_file = ROOT / "svk" / "ops" / "strategy_cutoffs.json"
     table = json.loads(table_file.read_text())
     table["devices"][name] = dict(found, measured=str(raw.relative_to(ROOT)),

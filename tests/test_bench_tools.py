@@ -22,6 +22,11 @@ def test_linear_adapter_work_counts_every_product():
     flops, nbytes = linear_adapter_work(m, k, n, r, e, mode="fwd+bwd", grads=("a", "b"))
     assert flops == fwd + bwd + 2 * m * k * r + 2 * m * n * r
     assert nbytes == fwd_bytes + bwd_bytes + m * k * e
+    # LoRA-XS: the core in both passes (2mr² each) and its own gradient; out_scale as db.
+    assert linear_adapter_work(m, k, n, r, e, mode="fwd+bwd", core=True, grads=("core",))[0] \
+        == fwd + bwd + 3 * core
+    assert linear_adapter_work(m, k, n, r, e, mode="fwd+bwd", out_scale=True)[0] \
+        == linear_adapter_work(m, k, n, r, e, mode="fwd+bwd", grads=("b",))[0]
 
 
 def test_plot_writes_one_png_per_family(tmp_path):
@@ -62,6 +67,10 @@ def test_cutoffs_from_timings():
     # M = 256 and 512 (ratios 5.12, 10.24) and loses at 128: from 5.12.
     assert cutoffs_from_timings(_timings(points)) == {"one_pass_max_rows": 64,
                                                       "merged_min_ratio": 256 / 50}
+    # A second rank at the same ratios: merged must win at both to count (a tie of ratios).
+    points[(100, 100, 64, 512)] = {"fused": 12.0, "merged": 8.0}
+    points[(100, 100, 64, 256)] = {"fused": 6.0, "merged": 6.5}
+    assert cutoffs_from_timings(_timings(points))["merged_min_ratio"] == 512 / 50
     points[(100, 100, 16, 512)]["merged"] = 13.0
     assert cutoffs_from_timings(_timings(points))["merged_min_ratio"] is None
     # A second shape where one_pass loses at 16 rows: never one_pass.
@@ -72,16 +81,27 @@ def test_cutoffs_from_timings():
 def test_choose_strategy_reads_measured_cutoffs(monkeypatch):
     from svk.ops import _dispatch
     monkeypatch.delenv("SVK_STRATEGY", raising=False)
-    assert json.loads(_dispatch.CUTOFFS_FILE.read_text())["devices"] is not None
-    _dispatch.cutoffs.cache_clear()
+    assert json.loads(_dispatch.CUTOFFS_FILE.read_text())["devices"] == _dispatch.MEASURED
+    monkeypatch.setattr(_dispatch, "_LIMITS", {})
     assert _dispatch.choose_strategy(256, 64, 64, 16, 128) == "one_pass"     # the defaults
     assert _dispatch.choose_strategy(257, 64, 64, 16, 128) == "merged"       # 257·128 ≥ 4·64²
-    monkeypatch.setattr(_dispatch, "_measured_cutoffs", lambda: {
+    monkeypatch.setattr(_dispatch, "MEASURED", {
         "cpu": {"one_pass_max_rows": 32, "merged_min_ratio": None}})
-    _dispatch.cutoffs.cache_clear()
-    try:
-        choose = lambda m: _dispatch.choose_strategy(m, 64, 64, 16, 128)  # noqa: E731
-        assert choose(32) == "one_pass" and choose(33) == "fused"
-        assert choose(10 ** 6) == "fused"                    # merged never won here
-    finally:
-        _dispatch.cutoffs.cache_clear()
+    monkeypatch.setattr(_dispatch, "_LIMITS", {})
+    choose = lambda m: _dispatch.choose_strategy(m, 64, 64, 16, 128)  # noqa: E731
+    assert choose(32) == "one_pass" and choose(33) == "fused"
+    assert choose(10 ** 6) == "fused"                        # merged never won here
+
+
+def test_choose_strategy_traces_under_torch_compile():
+    """torch.compile(fullgraph=True) of the Triton path calls choose_strategy while tracing:
+    no file or device query may happen inside the graph."""
+    import torch
+    from svk.ops import _dispatch
+
+    def pick(x):
+        strategy = _dispatch.choose_strategy(x.shape[0], 64, 64, 16, 128, x.device)
+        return x * (2.0 if strategy == "one_pass" else 3.0)
+    x = torch.ones(8, 4)
+    torch._dynamo.reset()
+    assert torch.compile(pick, fullgraph=True, backend="eager")(x).sum().item() == 64.0

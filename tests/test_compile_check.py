@@ -29,6 +29,10 @@ def test_every_kernel_compiles_for_sm90(tmp_path):
     assert {r["kernel"] for r in records} == KERNELS
     assert not [r for r in records if "error" in r]
     assert all(r["shared"] <= 227 * 1024 and r["registers"] <= 255 for r in records)
+    # The pruning's estimate bounds what the compiler allocated, for every pruned kernel.
+    estimated = [r for r in records if r["shared_estimate"] is not None]
+    assert {r["kernel"] for r in estimated} == KERNELS - {"_x_at_router_bwd_kernel"}
+    assert all(r["shared"] <= r["shared_estimate"] for r in estimated)
 
 
 def _config(bm, bk, stages):
@@ -36,25 +40,29 @@ def _config(bm, bk, stages):
 
 
 def test_prune_by_shared_memory(monkeypatch):
-    """(stages − 1) × bytes per K step against the limit; the smallest survives when none fit."""
+    """num_stages × bytes per K step + the once-only bytes against the limit; the smallest
+    config survives when none fit; no limit known, nothing pruned."""
     prune = _common.prune_by_shared_memory(
-        lambda a: a["BLOCK_K"] * a["BLOCK_M"] * a["X"].element_size())
+        lambda a: a["BLOCK_K"] * a["BLOCK_M"] * a["X"].element_size(), lambda a: 1000)
     x = torch.empty(4, 4, dtype=torch.bfloat16)
     small, big, huge = _config(16, 64, 3), _config(128, 128, 4), _config(256, 256, 5)
-    monkeypatch.setattr(_common, "SHARED_MEMORY_LIMIT", 2 * 128 * 128 * 2)
-    # small: 2·16·64·2 = 4 KiB; big: 3·128·128·2 = 96 KiB; huge: 4·256·256·2 = 512 KiB.
+    # small: 3·16·64·2 + 1000; big: 4·128·128·2 + 1000 = 132072; huge: 5·256·256·2 + 1000.
+    assert prune.estimate(big, {"X": x}) == 4 * 128 * 128 * 2 + 1000
+    monkeypatch.setattr(_common, "SHARED_MEMORY_LIMIT", 4 * 128 * 128 * 2 + 999)
     assert prune([small, big, huge], {"X": x}) == [small]
-    monkeypatch.setattr(_common, "SHARED_MEMORY_LIMIT", 3 * 128 * 128 * 2)
+    monkeypatch.setattr(_common, "SHARED_MEMORY_LIMIT", 4 * 128 * 128 * 2 + 1000)
     assert prune([small, big, huge], {"X": x}) == [small, big]
+    assert prune([big, huge], {"X": x.float()}) == [big]      # 4-byte x: none fits
     monkeypatch.setattr(_common, "SHARED_MEMORY_LIMIT", 1024)
     assert prune([big, small, huge], {"X": x}) == [small]
     monkeypatch.setattr(_common, "SHARED_MEMORY_LIMIT", None)   # CPU tensor, no limit known
     assert prune([small, big, huge], {"X": x}) == [small, big, huge]
-    # fp32 activations keep num_stages steps: big needs 4·128·128·4 = 256 KiB.
-    monkeypatch.setattr(_common, "SHARED_MEMORY_LIMIT", 4 * 128 * 128 * 4)
-    assert prune([small, big, huge], {"X": x.float()}) == [small, big]
-    monkeypatch.setattr(_common, "SHARED_MEMORY_LIMIT", 4 * 128 * 128 * 4 - 1)
-    assert prune([small, big, huge], {"X": x.float()}) == [small]
+
+
+def test_adapter_copy_counts_only_a_converted_tile():
+    a = {"X": torch.empty(1, dtype=torch.bfloat16), "BLOCK_R": 64, "BLOCK_K": 128}
+    assert _common.adapter_copy_bytes({**a, "A": torch.empty(1)}) == 64 * 128 * 2
+    assert _common.adapter_copy_bytes({**a, "A": torch.empty(1, dtype=torch.bfloat16)}) == 0
 
 
 def test_router_prune_caps_the_rank_tile(monkeypatch):
@@ -63,11 +71,11 @@ def test_router_prune_caps_the_rank_tile(monkeypatch):
     configs = [triton.Config({"BLOCK_M": 16, "BLOCK_K": 64, "BLOCK_R": br}, num_warps=4,
                              num_stages=2) for br in (32, 64, 128)]
     args = {"X": torch.empty(1, 1, dtype=torch.bfloat16), "A": torch.empty(1, 1), "R": 20}
-    kept = router._prune(configs, args, T_GIVEN=False)
+    kept = router._prune(configs, args, T_GIVEN=False, BLOCK_H=16)
     assert [c.kwargs["BLOCK_R"] for c in kept] == [32]          # 64 and 128 cap to 32, deduped
     args["R"] = 1000
-    assert [c.kwargs["BLOCK_R"] for c in router._prune(configs, args, T_GIVEN=False)] == [
-        32, 64, 128]
+    kept = router._prune(configs, args, T_GIVEN=False, BLOCK_H=16)
+    assert [c.kwargs["BLOCK_R"] for c in kept] == [32, 64, 128]
 
 
 def test_one_pass_keeps_tiles_of_at_most_64_rows(monkeypatch):

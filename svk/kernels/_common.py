@@ -45,29 +45,40 @@ def shared_memory_limit(device):
     if SHARED_MEMORY_LIMIT is not None or device.type != "cuda":
         return SHARED_MEMORY_LIMIT
     index = device.index if device.index is not None else torch.cuda.current_device()
-    return torch.cuda.get_device_properties(index).shared_memory_per_block_optin
+    # None (no pruning) where torch does not report it (ROCm, older builds).
+    return getattr(torch.cuda.get_device_properties(index), "shared_memory_per_block_optin",
+                   None)
 
 
-def prune_by_shared_memory(stage_bytes):
+def adapter_copy_bytes(a):
+    """A (BLOCK_R, BLOCK_K) adapter tile whose dtype differs from x's is also kept converted
+    to x's dtype for tl.dot: one extra tile, not one per stage."""
+    x, adapter = a["X"], a["A"]
+    return 0 if adapter.dtype == x.dtype else a["BLOCK_R"] * a["BLOCK_K"] * x.element_size()
+
+
+def prune_by_shared_memory(stage_bytes, extra_bytes=lambda a: 0):
     """An autotune early_config_prune dropping configs whose pipelined loads cannot fit.
 
-    stage_bytes(config, args) is the bytes one K step loads into shared memory (the tiles of
-    every operand, each in its own dtype). sm_90 compiles of these kernels (compile_check)
-    allocate num_stages − 1 such steps for fp16/bf16 activations and num_stages for fp32
-    ones (TF32 or IEEE products), to the byte in the cases checked; a config over the limit
-    could never launch, and the autotuner would compile it only to find that out. The
-    smallest config always survives."""
+    stage_bytes(args) is the bytes one K step loads into shared memory (the tiles of every
+    operand, each in its own dtype); extra_bytes(args) what is allocated once besides (a
+    converted adapter tile). The estimate is num_stages · stage_bytes + extra_bytes, an upper
+    bound on every sm_90 compile compile_check has recorded: Triton keeps num_stages − 1
+    steps for some operands and 32-row bf16 tiles but num_stages for tiles of ≥ 64 rows
+    (wgmma) and for fp32. A config over the limit could never launch, and the autotuner
+    would compile it only to find that out. The smallest config always survives."""
+    def estimate(config, args, **kwargs):
+        named = {**args, **kwargs, **config.kwargs}
+        return config.num_stages * stage_bytes(named) + extra_bytes(named)
+
     def prune(configs_, args, **kwargs):
-        tensor = args["X"]                  # the activations: every pruned kernel has one
-        limit = shared_memory_limit(tensor.device)
+        limit = shared_memory_limit(args["X"].device)   # every pruned kernel has activations X
         if limit is None or len(configs_) == 1:
             return configs_
-        named = {**args, **kwargs}
-        lag = 0 if tensor.element_size() >= 4 else 1
-        need = {c: max(c.num_stages - lag, 1) * stage_bytes({**named, **c.kwargs})
-                for c in configs_}
+        need = {c: estimate(c, args, **kwargs) for c in configs_}
         kept = [c for c in configs_ if need[c] <= limit]
         return kept or [min(configs_, key=need.get)]
+    prune.estimate = estimate        # compile_check compares it with what the compiler used
     return prune
 
 

@@ -13,9 +13,11 @@ memory, which is fine because only the launches matter.
 
 For each compiled (kernel, specialisation, config) it reports registers, spilled bytes
 (cuobjdump's STACK + LOCAL) and dynamic shared memory against the architecture's limits. Exit status
-1 when any config the autotuner would try fails to compile. Configs that need more shared
-memory than the GPU has (the autotuner skips them at run time, after compiling them) and
-configs that spill registers are listed; --strict fails on them too.
+1 when any config the autotuner would try fails to compile, or uses more shared memory than
+the kernel's pruning estimated (the estimate must bound the compiler, or the pruning lets
+impossible configs through). Configs that need more shared memory than the GPU has (the
+autotuner skips them at run time, after compiling them) and configs that spill registers are
+listed; --strict fails on them too.
 """
 import argparse
 import contextlib
@@ -116,7 +118,8 @@ def compile_only(arch, records):
     def jit_run(self, *args, grid, warmup, **kwargs):
         constexprs = {k: v for k, v in kwargs.items() if k.isupper()}
         record = dict(kernel=self.__name__, case=_CASE["label"], spec=_specialisation(args),
-                      config={**current.get("config", {}), **constexprs})
+                      config={**current.get("config", {}), **constexprs},
+                      shared_estimate=current.get("estimate"))
         try:
             kernel = saved["jit_run"](self, *args, grid=grid, warmup=True, **kwargs)
             record.update(shared=kernel.metadata.shared, num_warps=kernel.metadata.num_warps,
@@ -131,11 +134,13 @@ def compile_only(arch, records):
         grid = kwargs.pop("grid")
         self.nargs = dict(zip(self.arg_names, args))
         kept = self.prune_configs(kwargs)   # what the autotuner would benchmark
-        self.nargs = None
+        estimate = getattr(self.early_config_prune, "estimate", None)
         for config in kept:
             current["config"] = dict(config.kwargs, num_warps=config.num_warps,
                                      num_stages=config.num_stages)
+            current["estimate"] = estimate(config, self.nargs, **kwargs) if estimate else None
             self.fn.run(*args, grid=grid, warmup=True, **kwargs, **config.all_kwargs())
+        self.nargs = None
         current.clear()
 
     _driver.set_active(CompileOnlyDriver(arch))
@@ -161,14 +166,15 @@ def compile_only(arch, records):
 
 def _cases(quick):
     """(dtype, tf32, (M, K, N, r)) to run. What changes the compiled code is the dtype, TF32,
-    the padded rank (16, 64, > 128) and the constexpr flags each op sets; integer
+    the padded rank (16, 64, 128, > 128) and the constexpr flags each op sets; integer
     divisibility by 16 changes vector widths, so one odd shape is compiled too."""
     aligned = [(torch.bfloat16, False), (torch.float16, False), (torch.float32, False),
                (torch.float32, True)]
     if quick:
         return [(torch.bfloat16, False, (64, 256, 128, 16))]
     cases = [(dtype, tf32, (64, 256, 128, r)) for dtype, tf32 in aligned for r in (16, 64)]
-    return cases + [(torch.bfloat16, False, (7, 67, 33, 5)),
+    return cases + [(torch.bfloat16, False, (64, 256, 128, 128)),
+                    (torch.bfloat16, False, (7, 67, 33, 5)),
                     (torch.bfloat16, False, (33, 96, 80, 150))]
 
 
@@ -225,6 +231,10 @@ def problems(records, arch):
     for rec in records:
         if "error" in rec:
             found.append((rec, ("error", rec["error"])))
+        elif rec.get("shared_estimate") is not None and rec["shared"] > rec["shared_estimate"]:
+            found.append((rec, ("estimate", f"the pruning estimated {rec['shared_estimate']} B "
+                                            f"of shared memory, the compiler used "
+                                            f"{rec['shared']}")))
         elif rec["shared"] > limit:
             found.append((rec, ("shared", f"needs {rec['shared']} B of shared memory, sm_{arch} "
                                           f"has {limit}")))
@@ -280,7 +290,7 @@ def main(argv=None):
               + (f" (≤ {max(spills)} B)" if spills else "") + f", {len(over)} overflow")
     for rec, why in found:
         print(f"{why[0]:7} {rec['kernel']} {_brief(rec)}: {why[1]}")
-    failed = [why for _, why in found if why[0] == "error" or args.strict]
+    failed = [why for _, why in found if why[0] in ("error", "estimate") or args.strict]
     return 1 if failed else 0
 
 

@@ -9,8 +9,8 @@ import triton
 import triton.language as tl
 
 from svk.kernels._common import (EPILOGUE_PRECISION, LAUNCHES, MAX_EPILOGUE_RANK,
-                                 check_device, configs, dot_precision, m_bucket,
-                                 prune_by_shared_memory, rank_pad)
+                                 adapter_copy_bytes, check_device, configs, dot_precision,
+                                 m_bucket, prune_by_shared_memory, rank_pad)
 from svk.kernels._tiles import x_at_tile
 
 _EPILOGUE = tl.constexpr(EPILOGUE_PRECISION)
@@ -26,7 +26,8 @@ _CONFIGS = configs(
 # One K step loads an x tile and an a tile (a in its own dtype, often fp32).
 X_AT_STAGE_BYTES = prune_by_shared_memory(
     lambda a: a["BLOCK_K"] * (a["BLOCK_M"] * a["X"].element_size()
-                              + a["BLOCK_R"] * a["A"].element_size()))
+                              + a["BLOCK_R"] * a["A"].element_size()),
+    adapter_copy_bytes)
 
 
 @triton.autotune(configs=_CONFIGS, key=["M_BUCKET", "K", "BLOCK_R"],

@@ -45,8 +45,9 @@ import torch
 import triton
 import triton.language as tl
 
-from svk.kernels._common import (EPILOGUE_PRECISION, INTERPRET, LAUNCHES, check_device,
-                                 configs, dot_precision, m_bucket, prune_by_shared_memory)
+from svk.kernels._common import (EPILOGUE_PRECISION, INTERPRET, LAUNCHES, adapter_copy_bytes,
+                                 check_device, configs, dot_precision, m_bucket,
+                                 prune_by_shared_memory)
 from svk.kernels._tiles import x_at_tile
 from svk.kernels.x_at import x_at
 
@@ -70,19 +71,31 @@ _TYPICAL_BLOCK_M = 64
 
 _FITS_SHARED_MEMORY = prune_by_shared_memory(
     lambda a: a["BLOCK_K"] * (a["BLOCK_M"] * a["X"].element_size()
-                              + (0 if a["T_GIVEN"] else a["BLOCK_R"] * a["A"].element_size())))
+                              + (0 if a["T_GIVEN"] else a["BLOCK_R"] * a["A"].element_size())),
+    # Once-only: the converted a tile, and the rank loop's t/u tiles and lambdas tile (fp32)
+    # that the second sweep stages through shared memory.
+    lambda a: ((0 if a["T_GIVEN"] else adapter_copy_bytes(a))
+               + 4 * a["BLOCK_R"] * (2 * a["BLOCK_M"] + a["BLOCK_H"])))
 
 
-def _prune(configs_, args, **kwargs):
-    """Rank tiles no wider than the rank (a 128-wide tile for r = 16 is 8× wasted work),
-    then drop what cannot fit in shared memory."""
+def _cap_rank_tile(configs_, args, **kwargs):
+    """Rank tiles no wider than the rank (a 128-wide tile for r = 16 is 8× wasted work, and
+    wide tiles are the ones that spill), duplicates removed."""
     widest = max(16, triton.next_power_of_2(args["R"]))
     capped = {}
     for c in configs_:
         kw = dict(c.kwargs, BLOCK_R=min(c.kwargs["BLOCK_R"], widest))
         capped.setdefault(tuple(sorted(kw.items())) + (c.num_warps, c.num_stages),
                           triton.Config(kw, num_warps=c.num_warps, num_stages=c.num_stages))
-    return _FITS_SHARED_MEMORY(list(capped.values()), args, **kwargs)
+    return list(capped.values())
+
+
+def _prune(configs_, args, **kwargs):
+    """The rank tile capped at the rank, then what cannot fit in shared memory dropped."""
+    return _FITS_SHARED_MEMORY(_cap_rank_tile(configs_, args), args, **kwargs)
+
+
+_prune.estimate = _FITS_SHARED_MEMORY.estimate
 
 
 @triton.autotune(configs=_CONFIGS, key=["M_BUCKET", "K", "R", "BLOCK_H", "T_GIVEN"],
@@ -208,7 +221,8 @@ _BWD_CONFIGS = configs(
 )
 
 
-@triton.autotune(configs=_BWD_CONFIGS, key=["M_BUCKET", "R", "BLOCK_H", "NEED_DT", "WRITE_U"])
+@triton.autotune(configs=_BWD_CONFIGS, key=["M_BUCKET", "R", "BLOCK_H", "NEED_DT", "WRITE_U"],
+                 prune_configs_by={"early_config_prune": _cap_rank_tile})
 @triton.jit
 def _x_at_router_bwd_kernel(
     DU, T, G, GATE_IN, GATE_OUT, LAMBDAS, DT, U, DLAMBDAS, DGATE_IN, DGATE_OUT,

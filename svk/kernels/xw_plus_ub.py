@@ -16,8 +16,8 @@ import triton
 import triton.language as tl
 
 from svk.kernels._common import (EPILOGUE_PRECISION, LAUNCHES, MAX_EPILOGUE_RANK,
-                                 check_device, configs, dot_precision, m_bucket,
-                                 prune_by_shared_memory, rank_pad)
+                                 adapter_copy_bytes, check_device, configs, dot_precision,
+                                 m_bucket, prune_by_shared_memory, rank_pad)
 from svk.kernels._tiles import grouped_tile, xw_and_xa_tiles
 
 _EPILOGUE = tl.constexpr(EPILOGUE_PRECISION)
@@ -50,16 +50,20 @@ def _stage_bytes(a):
     return max(k_step, r_step)
 
 
-XW_XA_STAGE_BYTES = prune_by_shared_memory(_stage_bytes)
+XW_XA_STAGE_BYTES = prune_by_shared_memory(
+    _stage_bytes, lambda a: adapter_copy_bytes(a) if a.get("ONE_PASS", True) else 0)
 
 
 def _prune(configs_, args, **kwargs):
-    """One pass runs only for M ≤ 256 rows (the dispatcher's rule), where 128- and 256-row
+    """The dispatcher picks one pass for decode-sized M (its cut-off), where 128- and 256-row
     tiles leave most of the GPU idle, and with the r-sized epilogue they spilled 400–530
     B/thread on sm_90 at r = 64 (compile_check): keep tiles of at most 64 rows there."""
     if kwargs.get("ONE_PASS"):
         configs_ = [c for c in configs_ if c.kwargs["BLOCK_M"] <= 64] or configs_
     return XW_XA_STAGE_BYTES(configs_, args, **kwargs)
+
+
+_prune.estimate = XW_XA_STAGE_BYTES.estimate
 
 
 @triton.autotune(configs=_CONFIGS, key=["M_BUCKET", "N", "K", "R", "ONE_PASS"],

@@ -5,7 +5,6 @@ variable SVK_BACKEND (auto|triton|torch) changes what "auto" means. A forced bac
 cannot run raises; it never falls back silently. SVK_STRATEGY (fused|one_pass|merged) forces
 the Triton strategy, for benchmarks and tests.
 """
-import functools
 import json
 import os
 import pathlib
@@ -73,21 +72,22 @@ CUTOFFS_FILE = pathlib.Path(__file__).with_name("strategy_cutoffs.json")
 DEFAULT_CUTOFFS = {"one_pass_max_rows": 256, "merged_min_ratio": 4.0}
 
 
-@functools.lru_cache(maxsize=None)
-def _measured_cutoffs():
-    return json.loads(CUTOFFS_FILE.read_text()).get("devices", {})
+# Read once at import: nothing below may do I/O, since torch.compile traces choose_strategy.
+MEASURED = json.loads(CUTOFFS_FILE.read_text()).get("devices", {})
+_LIMITS = {}
 
 
-@functools.lru_cache(maxsize=None)
-def cutoffs(device_name):
-    """The strategy cut-offs for a GPU: measured ones when strategy_cutoffs.json holds this
-    device, else DEFAULT_CUTOFFS."""
-    return {**DEFAULT_CUTOFFS, **_measured_cutoffs().get(device_name, {})}
-
-
-@functools.lru_cache(maxsize=None)
-def _device_name(device):
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+@torch.compiler.assume_constant_result
+def _limits(device_type, index):
+    """(one_pass_max_rows, merged_min_ratio) for a device: measured when
+    strategy_cutoffs.json holds its GPU, else DEFAULT_CUTOFFS. A constant to torch.compile
+    (it runs once while tracing, never inside the graph)."""
+    key = (device_type, index)
+    if key not in _LIMITS:
+        name = torch.cuda.get_device_name(index) if device_type == "cuda" else device_type
+        limits = {**DEFAULT_CUTOFFS, **MEASURED.get(name, {})}
+        _LIMITS[key] = (limits["one_pass_max_rows"], limits["merged_min_ratio"])
+    return _LIMITS[key]
 
 
 def choose_strategy(m, in_features, out_features, padded_rank, max_epilogue_rank,
@@ -97,7 +97,7 @@ def choose_strategy(m, in_features, out_features, padded_rank, max_epilogue_rank
     one_pass: one launch, x read once; wins where launch latency and the second read of x
     dominate (decode, small M). merged: builds W_eff once (2·out·in·r FLOPs, independent of M)
     and then runs one plain GEMM; it wins once the fused adapter's 2·M·r·(in+out) FLOPs exceed
-    that, i.e. for M·(in+out) well above in·out. The two cut-offs come from `cutoffs(device)`:
+    that, i.e. for M·(in+out) well above in·out. The two cut-offs come from `_limits`:
     measured on that GPU by benchmarks/tune_strategy.py, or provisional defaults.
     """
     forced = forced_strategy()
@@ -105,10 +105,10 @@ def choose_strategy(m, in_features, out_features, padded_rank, max_epilogue_rank
         raise ValueError(f"SVK_STRATEGY=one_pass needs rank ≤ {max_epilogue_rank}")
     if forced is not None:
         return forced
-    limits = cutoffs(_device_name(device))
-    if m <= limits["one_pass_max_rows"] and padded_rank <= max_epilogue_rank:
+    one_pass_max_rows, ratio = _limits(device.type, device.index or 0)
+    if m <= one_pass_max_rows and padded_rank <= max_epilogue_rank:
         return "one_pass"
-    ratio = limits["merged_min_ratio"]          # None: merged never won where it was measured
+    # ratio None: merged never won where it was measured.
     if ratio is not None and m * (in_features + out_features) >= ratio * in_features * out_features:
         return "merged"
     return "fused"
