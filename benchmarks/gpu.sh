@@ -24,6 +24,10 @@ if compgen -G ".whl/*.whl" > /dev/null; then
     export PYTHONPATH="/tmp/svk-site:${PYTHONPATH:-}"
 fi
 export PYTHONPATH=".:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+if ! python3 -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
+    echo "benchmarks/gpu.sh needs a CUDA GPU (torch.cuda.is_available() is False)" >&2
+    exit 2
+fi
 gpu=$(python3 -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-'))")
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; python3 -m svk.info; } \
     2>&1 | tee "$out/env-$gpu.txt"
