@@ -238,7 +238,7 @@ def test_kernel_large_rank_fused_falls_back_to_two_launches():
     ids = torch.tensor([1, -1, 0], device=DEVICE)
     t, u = x_at_gather_core(x, a, s, cores, ids)
     torch.testing.assert_close(t, x @ a.t(), rtol=1e-4, atol=1e-4)
-    expected = torch.stack([(t[i] * s) @ cores[ids[i]].t() if ids[i] >= 0 else torch.zeros(130)
+    expected = torch.stack([(t[i] * s) @ cores[ids[i]].t() if ids[i] >= 0 else torch.zeros(130, device=DEVICE)
                             for i in range(3)])
     torch.testing.assert_close(u, expected, rtol=1e-4, atol=1e-3)
 
@@ -251,7 +251,10 @@ def _call(t, ids, **kw):
 
 @pytest.mark.parametrize("bad", [5, -2, 1000])
 def test_out_of_range_ids_raise(bad):
-    t = make_inputs(requires_grad=False)
+    # On CPU tensors: on CUDA the check is a device-side assert, which would poison the CUDA
+    # context for every later test.
+    t = {k: v.cpu() if isinstance(v, torch.Tensor) else v
+         for k, v in make_inputs(requires_grad=False).items()}
     ids = torch.zeros(3, 5, dtype=torch.long)
     ids[1, 2] = bad
     with pytest.raises(ValueError, match=rf"adapter_ids holds {bad}, outside \[-1, 4\]"):
@@ -268,7 +271,8 @@ def test_non_integer_ids_raise_type_error(ids):
 @pytest.mark.parametrize("shape", [(5,), (3, 4), (15,), (3, 5, 1)])
 def test_wrong_id_shape_raises(shape):
     with pytest.raises(ValueError, match=r"adapter_ids must have shape \(3, 5\)"):
-        _call(make_inputs(requires_grad=False), torch.zeros(shape, dtype=torch.long))
+        _call(make_inputs(requires_grad=False),
+              torch.zeros(shape, dtype=torch.long, device=DEVICE))
 
 
 def test_bad_cores_and_factors():
