@@ -108,23 +108,32 @@ def build(verbose: bool = False) -> bool:
             _state["error"] = ("csrc/ sources not found next to the package (a non-editable "
                                "install without package data)")
             return False
-        try:
-            from torch.utils import cpp_extension
-            with_cuda = _cuda_wanted()[0]
-            sources = _sources(source_dir, with_cuda)
-            build_dir = _build_dir(sources, with_cuda)
-            build_dir.mkdir(parents=True, exist_ok=True)
-            path = cpp_extension.load(
-                name="svk_native", sources=sources, build_directory=str(build_dir),
-                extra_cflags=["-O3"], extra_cuda_cflags=["-O3"], is_python_module=False,
-                verbose=verbose)
-            _state["loaded"] = path if isinstance(path, str) else str(build_dir)
-            _register_fake()
-            _state["error"] = None
-            return True
-        except Exception as error:  # no compiler, no ninja, a toolkit mismatch: all optional
-            _state["error"] = f"build failed: {type(error).__name__}: {str(error)[-400:]}"
-            return False
+        if _state.get("build_failed"):
+            return False            # one failed compile per process, not one per call
+        from torch.utils import cpp_extension
+        errors = []
+        # Without CUDA the CPU twin still serves CPU tensors: a failing .cu (an nvcc/torch
+        # CUDA mismatch) falls back to the C++ sources alone.
+        for with_cuda in ([True, False] if _cuda_wanted()[0] else [False]):
+            try:
+                sources = _sources(source_dir, with_cuda)
+                build_dir = _build_dir(sources, with_cuda)
+                build_dir.mkdir(parents=True, exist_ok=True)
+                path = cpp_extension.load(
+                    name="svk_native", sources=sources, build_directory=str(build_dir),
+                    extra_cflags=["-O3"], extra_cuda_cflags=["-O3"], is_python_module=False,
+                    verbose=verbose)
+                _state["loaded"] = path if isinstance(path, str) else str(build_dir)
+                _register_fake()
+                _state["error"] = ("; ".join(errors) + " (built the CPU op only)") if errors \
+                    else None
+                return True
+            except Exception as error:  # no compiler, no ninja, a toolkit mismatch: optional
+                errors.append(f"build failed{' with CUDA' if with_cuda else ''}: "
+                              f"{type(error).__name__}: {str(error)[-400:]}")
+        _state["error"] = "; ".join(errors)
+        _state["build_failed"] = True
+        return False
 
 
 def _has_kernel(dispatch_key: str) -> bool:
@@ -160,9 +169,9 @@ def status() -> dict[str, tuple[bool, str]]:
         elif key == "CUDA" and not _cuda_wanted()[0]:
             result[piece] = (False, _cuda_wanted()[1])
         elif present and key == "CUDA":
-            result[piece] = (False,
-                             "the loaded build has no CUDA kernel (built without nvcc); "
-                             "delete the cache directory to rebuild")
+            result[piece] = (False, _state["error"] or (
+                "the loaded build has no CUDA kernel (built without nvcc); "
+                "delete the cache directory to rebuild"))
         else:
             result[piece] = (False, why_not)
     return result
