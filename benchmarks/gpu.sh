@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # A GPU session's whole job (issue 8), in steps that each fit one 10-minute device call:
 #
-#   bash benchmarks/gpu.sh tests    # every test on the GPU, the gpu-marked ones included
+#   bash benchmarks/gpu.sh tests [FILE...]  # the tests on the GPU, gpu-marked ones included
 #   bash benchmarks/gpu.sh bench    # pytest benchmarks/ at DESIGN.md §7's shapes, then plots
 #   bash benchmarks/gpu.sh bench benchmarks/test_bench_bank.py   # one file, if all outrun a call
 #   bash benchmarks/gpu.sh check    # the Triton compile check for this GPU's architecture
-#   bash benchmarks/gpu.sh tune     # sv_linear's strategy cut-offs from measurements
+#   bash benchmarks/gpu.sh tune [IN,OUT,R ...]  # strategy cut-offs from measurements
 #   bash benchmarks/gpu.sh profile  # Nsight Compute on one launch of each kernel (§7 shapes)
 #
 # Runs from the source tree (PYTHONPATH=.), so nothing is installed; wheels the image lacks
@@ -37,7 +37,8 @@ timeout_opt() { python3 -c "import pytest_timeout" 2>/dev/null && echo "--timeou
 rc=0
 case "$step" in
 tests)
-    python3 -m pytest tests/ -q -ra $(timeout_opt 500) 2>&1 | tee "$out/tests-$gpu.log"
+    # Autotuning every kernel key makes the whole suite long: pass test files to split it.
+    python3 -m pytest "${@:-tests/}" -q -ra $(timeout_opt 500) 2>&1 | tee "$out/tests-$gpu.log"
     rc=${PIPESTATUS[0]}
     ;;
 bench)
@@ -57,7 +58,7 @@ check)
     rc=${PIPESTATUS[0]}
     ;;
 tune)
-    python3 benchmarks/tune_strategy.py 2>&1 | tee "$out/tune-$gpu.log"
+    python3 benchmarks/tune_strategy.py "$@" 2>&1 | tee "$out/tune-$gpu.log"
     rc=${PIPESTATUS[0]}
     if [ "$(realpath "$out")" != "$(realpath benchmarks/results)" ]; then
         cp svk/ops/strategy_cutoffs.json benchmarks/results/strategy-"$gpu".json "$out"/

@@ -1,6 +1,9 @@
 """Measures sv_linear's three Triton strategies on this GPU and records the cut-offs dispatch uses.
 
-    python benchmarks/tune_strategy.py           # CUDA only; bash benchmarks/gpu.sh tune
+    python benchmarks/tune_strategy.py [IN,OUT,R ...]   # CUDA only; bash benchmarks/gpu.sh tune
+
+Shapes on the command line replace SHAPES (132 timed points with autotuning may outrun a
+10-minute call: run a shape or two per call; each call's cut-offs cover its shapes only).
 
 For DESIGN.md §7's shapes (in, out, r) and row counts M from decode to 16k tokens, times a
 training step's forward + backward (LoRA-XS: the core trains, x needs its gradient; bf16) with
@@ -102,7 +105,8 @@ def main():
         raw.write_text(json.dumps(dict(gpu=name, torch=torch.__version__,
                                        triton=triton.__version__, dtype="bfloat16",
                                        results=results, cutoffs=found), indent=1))
-    results = time_strategies(on_shape=save)
+    shapes = [tuple(int(v) for v in arg.split(",")) for arg in sys.argv[1:]] or SHAPES
+    results = time_strategies(shapes=shapes, on_shape=save)
     found = cutoffs_from_timings(results)
     save(results, found)
     table_file = ROOT / "svk" / "ops" / "strategy_cutoffs.json"
