@@ -10,12 +10,9 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
+from benchmarks.utils import floor_ms, median_ms  # noqa: E402
+
 RESULTS = pathlib.Path(__file__).parent / "results"
-
-
-def _median_ms(bench):
-    extra = bench.get("extra_info", {})
-    return extra.get("median_ms", bench["stats"]["median"] * 1e3)
 
 
 def _floor_line(extra):
@@ -33,15 +30,15 @@ def _rows(benchmarks):
         groups.setdefault(bench.get("group") or bench["name"], []).append(bench)
     lines = []
     for group, items in groups.items():
-        by_provider = {b["extra_info"].get("provider"): _median_ms(b) for b in items}
+        by_provider = {b["extra_info"].get("provider"): median_ms(b) for b in items}
         lines += [f"\n**{group}**\n", _floor_line(items[0]["extra_info"]),
                   "| benchmark | provider | median ms | × reference | × base | × floor | "
                   "saved for backward |", "|---|---|---|---|---|---|---|"]
         for bench in items:
             extra = bench["extra_info"]
-            ms = _median_ms(bench)
+            ms = median_ms(bench)
             ref, base = by_provider.get("reference"), by_provider.get("base")
-            floor = max(extra.get("flop_floor_ms", 0), extra.get("byte_floor_ms", 0))
+            floor = floor_ms(extra)
             saved = extra.get("saved_bytes")
             lines.append(
                 f"| {bench['name'].split('[')[-1].rstrip(']')} | {extra.get('provider', '')} | "

@@ -15,8 +15,8 @@ import re
 import sys
 
 
-def _median_ms(bench):
-    return bench["extra_info"].get("median_ms", bench["stats"]["median"] * 1e3)
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+from benchmarks.utils import floor_ms, median_ms  # noqa: E402
 
 
 def _groups(benchmarks, prefix):
@@ -43,14 +43,14 @@ def _bars(plt, groups, title, path, relative_to="base"):
             ref = by.get(relative_to)
             if provider not in by or ref is None:
                 continue
-            ratio = _median_ms(by[provider]) / _median_ms(ref)
+            ratio = median_ms(by[provider]) / median_ms(ref)
             ax.bar(i + j * width, ratio, width, color=f"C{j}",
                    label=provider if i == 0 or provider not in ax.get_legend_handles_labels()[1]
                    else None)
             extra = ref["extra_info"]
-            floor = max(extra.get("flop_floor_ms", 0), extra.get("byte_floor_ms", 0))
+            floor = floor_ms(extra)
             if floor and j == 0:
-                ax.hlines(floor / _median_ms(ref), i - width / 2, i + 0.8 - width / 2,
+                ax.hlines(floor / median_ms(ref), i - width / 2, i + 0.8 - width / 2,
                           colors="black", linewidth=2, label="floor" if i == 0 else None)
     ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))])
@@ -71,7 +71,7 @@ def _lines(plt, groups, title, path):
         shape, resident = re.match(r"(.*) resident(\d+)$", group).groups()
         for bench in items:
             shapes.setdefault(shape, {}).setdefault(bench["extra_info"]["provider"], []).append(
-                (int(resident), _median_ms(bench)))
+                (int(resident), median_ms(bench)))
     fig, axes = plt.subplots(1, len(shapes), figsize=(5 * len(shapes), 4), squeeze=False)
     for ax, (shape, providers) in zip(axes[0], shapes.items()):
         for j, (provider, points) in enumerate(providers.items()):

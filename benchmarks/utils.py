@@ -10,6 +10,16 @@ import platform
 import torch
 
 
+def median_ms(bench):
+    """A result's median in ms: do_bench's on CUDA (extra_info), pytest-benchmark's else."""
+    return bench["extra_info"].get("median_ms", bench["stats"]["median"] * 1e3)
+
+
+def floor_ms(extra):
+    """The larger of a case's two floors (benchmarks/floors.py), 0 when it counted none."""
+    return max(extra.get("flop_floor_ms", 0), extra.get("byte_floor_ms", 0))
+
+
 def environment(device):
     info = {"device": device.type, "torch": torch.__version__, "python": platform.python_version()}
     try:
