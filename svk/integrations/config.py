@@ -60,6 +60,9 @@ class AdapterConfig:
     Hyperparameters (None = the method's paper default; giving one the method does not use is
     an error): rank, alpha (LoRA-XS, KaSA, LoRA), tau (SARA 0.01, Mo-SARA 0.5), heads (Mo-SARA
     5), perc and criterion (SiVA 0.95, "sum" | "energy"), beta and gamma (KaSA 1e-4, 1e-3).
+    modules_to_save: names of modules (matched like target_modules' names) that are not adapted
+        but train in full and are stored in the adapter file, e.g. a classifier head
+        (PEFT's ``modules_to_save``); None for none.
     backend: passed to the fused ops ("auto" | "triton" | "torch").
     seed: seeds the randomized SVD and the random initial factors, so that injecting the same
         config into the same base model gives the same adapter (None: global RNG).
@@ -75,6 +78,7 @@ class AdapterConfig:
     criterion: str | None = None
     beta: float | None = None
     gamma: float | None = None
+    modules_to_save: list[str] | None = None
     backend: str = "auto"
     seed: int | None = 0
     _pattern: re.Pattern | None = field(default=None, init=False, repr=False, compare=False)
@@ -105,6 +109,12 @@ class AdapterConfig:
         else:
             raise TypeError(f"target_modules must be a list of names or a regex string, got "
                             f"{type(self.target_modules).__name__}")
+        if self.modules_to_save is not None:
+            if isinstance(self.modules_to_save, str) or not all(
+                    isinstance(t, str) and t for t in self.modules_to_save):
+                raise TypeError("modules_to_save must be a list of module names, got "
+                                f"{self.modules_to_save!r}")
+            self.modules_to_save = list(self.modules_to_save)
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.seed is not None and (isinstance(self.seed, bool)

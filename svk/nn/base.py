@@ -91,6 +91,7 @@ class SVLinear(nn.Module):
 
     def __init__(self, weight: Tensor, bias: Tensor | None = None, *, scaling: float = 1.0,
                  trainable=None, backend: str = "auto", hparams: dict | None = None,
+                 base_removed: tuple[Tensor, Tensor] | None = None,
                  **tensors: Tensor | None):
         super().__init__()
         unknown = set(tensors) - set(ADAPTER_TENSORS)
@@ -123,6 +124,13 @@ class SVLinear(nn.Module):
         self.hparams = dict(hparams or {})
         self.merged = False
         self.register_buffer("_original_weight", None, persistent=False)
+        # KaSA and PiSSA rewrite the base at initialisation: weight = W_original − b_r·a_r.
+        # The removed low-rank part is kept (fp32, r·(in + out) numbers) so that the original
+        # base can be recovered (original_weight) for export, unload and disable_adapter.
+        removed_b, removed_a = base_removed if base_removed is not None else (None, None)
+        for name, value in (("base_removed_b", removed_b), ("base_removed_a", removed_a)):
+            self.register_buffer(name, None if value is None else
+                                 value.detach().clone(memory_format=torch.contiguous_format))
         # Swappable for benchmarks (svk.reference has the same signatures); never set on a hot
         # path by svk itself.
         self.op = sv_linear
@@ -172,13 +180,14 @@ class SVLinear(nn.Module):
               backend: str = "auto") -> "SVLinear":
         factors = dict(factors)
         new_weight = factors.pop("weight", None)
+        removed = factors.pop("base_removed", None)
         if new_weight is not None:
             weight = new_weight.clone(memory_format=torch.contiguous_format)
         elif not weight.is_contiguous():
             weight = weight.contiguous()
         rank = factors["a"].shape[0]
         return cls(weight, bias, scaling=cls.scaling_for(hp, rank), backend=backend,
-                   hparams=hp, **factors)
+                   hparams=hp, base_removed=removed, **factors)
 
     # ---- forward ------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
@@ -211,6 +220,20 @@ class SVLinear(nn.Module):
     def regularization_loss(self) -> Tensor:
         """The method's auxiliary loss for this layer (zero unless the method has one)."""
         return self.weight.new_zeros((), dtype=torch.float32)
+
+    def original_weight(self) -> Tensor:
+        """The base weight before the method rewrote it, (out, in), in the compute dtype
+        (fp32, fp64 for a fp64 base): weight + base_removed_b·base_removed_a for KaSA and
+        PiSSA (exact up to one rounding of the weight's dtype), weight itself otherwise.
+        Unmerged weight only: raises while merged."""
+        if self.merged:
+            raise RuntimeError(f"{type(self).__name__} is merged; unmerge before asking for "
+                               "the original weight")
+        dtype = self._compute_dtype()
+        weight = self.weight.detach().to(dtype)
+        if self.base_removed_b is None:
+            return weight
+        return torch.addmm(weight, self.base_removed_b.to(dtype), self.base_removed_a.to(dtype))
 
     # ---- merging ------------------------------------------------------------------------
     def _compute_dtype(self) -> torch.dtype:

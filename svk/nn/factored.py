@@ -68,7 +68,8 @@ class PiSSALinear(SVLinear):
         residual = (W.float() - b @ a).to(W.dtype)
         dtype = adapter_dtype(W.dtype)
         return [{"weight": residual[i], "a": a[i].to(dtype), "b": b[i].to(dtype),
-                 "s": torch.ones(r, device=W.device, dtype=dtype)} for i in range(W.shape[0])]
+                 "s": torch.ones(r, device=W.device, dtype=dtype),
+                 "base_removed": (b[i].float(), a[i].float())} for i in range(W.shape[0])]
 
 
 class SARALinear(SVLinear):
@@ -101,7 +102,8 @@ class KaSALinear(SVLinear):
             raise ValueError(f"KaSA needs rank < min(out, in) = {min(W.shape[-2:])} so that the "
                              f"truncated base keeps a component, got rank={r}")
         U, S, Vh = _spectral.bottom(W, r)
-        truncated = (W.float() - (U * S[..., None, :]) @ Vh).to(W.dtype)
+        removed_b = U * S[..., None, :]                  # (n, out, r)
+        truncated = (W.float() - removed_b @ Vh).to(W.dtype)
 
         def s_init(k, dtype):
             return normal((k,), 1.0, generator=generator, device=W.device, dtype=dtype)
@@ -109,6 +111,7 @@ class KaSALinear(SVLinear):
         layers = _low_rank_factors(W, [r] * W.shape[0], generator=generator, s_init=s_init)
         for i, layer in enumerate(layers):
             layer["weight"] = truncated[i]
+            layer["base_removed"] = (removed_b[i].float(), Vh[i].float())
         return layers
 
     @classmethod
