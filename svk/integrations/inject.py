@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from svk.integrations.config import AdapterConfig
-from svk.nn.base import SVLinear, is_adaptable, linear_weight
+from svk.nn.base import SVLinear, is_adaptable, is_conv1d, linear_weight
 
 logger = logging.getLogger("svk")
 
@@ -144,7 +144,8 @@ def inject(model: nn.Module, cfg: AdapterConfig, *,
             factors = cls.init_factors(stack, hp, generator=generator)
             del stack
             for (name, _), (weight, bias), layer_factors in zip(chunk, weights, factors):
-                built[name] = cls.build(weight, bias, layer_factors, hp, backend=cfg.backend)
+                built[name] = cls.build(weight, bias, layer_factors, hp, backend=cfg.backend,
+                                        from_conv1d=is_conv1d(modules[name]))
                 bar.update(1)
     bar.close()
 

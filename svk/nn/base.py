@@ -123,6 +123,10 @@ class SVLinear(nn.Module):
         self.backend = backend
         self.hparams = dict(hparams or {})
         self.merged = False
+        # True when built from a GPT-2 Conv1D ((in, out) weight): export and unload use it.
+        self.from_conv1d = False
+        # While True (svk.disable_adapter) forward gives the original base layer's output.
+        self.adapter_disabled = False
         self.register_buffer("_original_weight", None, persistent=False)
         # KaSA and PiSSA rewrite the base at initialisation: weight = W_original − b_r·a_r.
         # The removed low-rank part is kept (fp32, r·(in + out) numbers) so that the original
@@ -173,11 +177,12 @@ class SVLinear(nn.Module):
         hp = cls.resolve_hparams(**hparams)
         weight, bias = linear_weight(linear)
         factors = cls.init_factors(weight.detach()[None], hp, generator=generator)[0]
-        return cls.build(weight, bias, factors, hp, backend=backend)
+        return cls.build(weight, bias, factors, hp, backend=backend,
+                         from_conv1d=is_conv1d(linear))
 
     @classmethod
     def build(cls, weight: Tensor, bias: Tensor | None, factors: dict, hp: dict, *,
-              backend: str = "auto") -> "SVLinear":
+              backend: str = "auto", from_conv1d: bool = False) -> "SVLinear":
         factors = dict(factors)
         new_weight = factors.pop("weight", None)
         removed = factors.pop("base_removed", None)
@@ -186,11 +191,15 @@ class SVLinear(nn.Module):
         elif not weight.is_contiguous():
             weight = weight.contiguous()
         rank = factors["a"].shape[0]
-        return cls(weight, bias, scaling=cls.scaling_for(hp, rank), backend=backend,
-                   hparams=hp, base_removed=removed, **factors)
+        layer = cls(weight, bias, scaling=cls.scaling_for(hp, rank), backend=backend,
+                    hparams=hp, base_removed=removed, **factors)
+        layer.from_conv1d = from_conv1d
+        return layer
 
     # ---- forward ------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
+        if self.adapter_disabled:
+            return F.linear(x, self.base_weight_without_adapter(), self.bias)
         if self.merged:
             return F.linear(x, self.weight, self.bias)
         return self.op(x, self.weight, self.a, self.s, self.b, bias=self.bias, core=self.core,
@@ -234,6 +243,23 @@ class SVLinear(nn.Module):
         if self.base_removed_b is None:
             return weight
         return torch.addmm(weight, self.base_removed_b.to(dtype), self.base_removed_a.to(dtype))
+
+    def base_weight_without_adapter(self) -> Tensor:
+        """The original base weight in the weight's dtype, merged or not: what forward uses
+        while the adapter is disabled. Costs one (out, in) product for KaSA/PiSSA or a merged
+        layer; the plain weight otherwise."""
+        if self.merged:
+            if self._original_weight is not None and self.base_removed_b is None:
+                return self._original_weight
+            dtype = self._compute_dtype()
+            weight = self.weight.detach().to(dtype) - self.delta_weight()
+            if self.base_removed_b is not None:
+                weight = torch.addmm(weight, self.base_removed_b.to(dtype),
+                                     self.base_removed_a.to(dtype))
+            return weight.to(self.weight.dtype)
+        if self.base_removed_b is None:
+            return self.weight
+        return self.original_weight().to(self.weight.dtype)
 
     # ---- merging ------------------------------------------------------------------------
     def _compute_dtype(self) -> torch.dtype:
