@@ -87,7 +87,9 @@ def test_per_token_ids_and_tensor_ids(setup):
     x = prompts(3)
     per_sequence = torch.tensor([1, 0, -1])
     with bank.activate(per_sequence) as served:
-        assert served is per_sequence      # int64 on the model's device: used as it is
+        # Copied into the bank's preallocated buffer: compiled and captured graphs read it.
+        assert served.data_ptr() == bank.ids_buffer.data_ptr()
+        assert served.tolist() == [1, 0, -1]
         a = model(x).logits
     with bank.activate(per_sequence[:, None].expand(3, 6)):
         b = model(x).logits

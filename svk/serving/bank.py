@@ -18,6 +18,22 @@ svk.inject to compute the frozen factors, so they are the adapters' own; `add` c
 method, rank, scaling, layer names and shapes, the singular values the file records as a
 fingerprint of the base, and the frozen a/b when the file holds them.
 
+The serving model (what a decode step costs, threads, compiled and captured graphs):
+- Ids live in one preallocated device buffer, `bank.ids_buffer` (max_batch int64 entries).
+  `activate` validates the ids once per batch on the host and copies them, in place, into a
+  slice of that buffer; every bank layer passes the same slice to the op. A decode step is then
+  one sv_bank_linear call per adapted layer and nothing else: BankLinear.forward reads two
+  attributes and calls the op. Because the storage never moves, a compiled model
+  (torch.compile) or a captured CUDA graph keeps reading the ids the latest `activate` wrote:
+  capture once per batch size, then `with bank.activate(new_ids): graph.replay()`.
+- Threads: activation state is per thread, and `activate` blocks serialise: a thread's block
+  waits until another thread's block has ended (one ids buffer, one batch at a time; pass
+  `timeout=` to get a RuntimeError instead of waiting). A forward in a thread that has not
+  entered `activate` raises, even while another thread serves; `remove` refuses an adapter the
+  serving thread uses; `add` into a free slot may run while another thread serves.
+- Layout: ids are batch-major, one per sequence (x.shape[0] of a batch-first model) or one per
+  token ((batch, seq_len)). See AdapterBank's batch_first.
+
 Memory: capacity × layers × r² × dtype size for the cores (`nbytes`), plus one copy of a, s, b
 per layer; add/remove never reallocate, so compiled graphs and captured CUDA graphs stay valid.
 """
@@ -27,14 +43,34 @@ import contextlib
 import heapq
 import math
 import os
+import sys
+import threading
 from collections import OrderedDict
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from svk.ops.sv_bank_linear import _sv_bank_linear
 
 __all__ = ["AdapterBank", "BankLinear"]
+
+INJECTED = "__injected__"
+
+# How per-sequence ids meet x's leading dimensions (set once per activation, read per layer).
+_AS_GIVEN = 0       # batch-first (or per-token ids already laid out like x): the op's own check
+_SEQ_FIRST = 1      # x is (seq, batch, ..., in): broadcast the ids along dim 1
+_UNKNOWN = 2        # layout not told: refuse a 3-D+ x whose first two dimensions are equal
+
+
+class _Serving(threading.local):
+    """The serving state of one bank, per thread: what its layers read in forward.
+
+    A thread that has not entered `bank.activate` sees ids None, whatever another thread
+    serves. Class attributes are each thread's initial values."""
+    ids = None          # the (validated) ids the op gets: a view of bank.ids_buffer
+    layout = _AS_GIVEN
+    merged = False      # inside bank.merged(name): the layers run their merged weights
 
 
 class BankLinear(nn.Module):
@@ -43,7 +79,7 @@ class BankLinear(nn.Module):
     weight (out, in), bias, a (r, in), s (r,), b (out, r) are shared and frozen; `cores`
     (capacity, r, r) is a non-persistent buffer (a bank's million cores do not belong in the
     model's state_dict; adapters live in their own files). The rows' adapter ids come from the
-    owning bank's `activate` context.
+    owning bank's `activate` context, per thread.
     """
 
     def __init__(self, weight, bias, a, s, b, scaling, capacity, *, dtype=None, backend="auto",
@@ -57,79 +93,164 @@ class BankLinear(nn.Module):
         r = a.shape[0]
         self.register_buffer("cores", torch.zeros(capacity, r, r, device=weight.device,
                                                   dtype=dtype or weight.dtype), persistent=False)
-        self._ids = None
+        self._serving = _Serving()          # replaced by the bank's, shared by all its layers
+        self._merged_weight = None          # set by bank.merged() for its thread
 
     @property
     def rank(self) -> int:
         return self.a.shape[0]
 
+    @property
+    def _ids(self):
+        """The ids this thread serves (None outside `activate`); read-only, for tools."""
+        return self._serving.ids
+
     def forward(self, x):
-        if self._ids is None:
-            raise RuntimeError(
-                f"bank layer {self.name!r} ran outside `with bank.activate(adapter_ids):`; pass "
-                "one adapter id (slot or name) per sequence, -1 for the base model")
-        # The ids were validated on the host by bank.activate, once for the batch: no per-layer
-        # device-side check (one launch per layer on the decode path).
-        return _sv_bank_linear(x, self.weight, self.a, self.s, self.b, self.cores, self._ids,
+        # The decode path: two attribute reads and the op. The ids were validated on the host
+        # by bank.activate, once for the batch: no per-layer check or device assertion.
+        serving = self._serving
+        ids = serving.ids
+        if ids is None:
+            return self._idle(x)
+        if serving.layout:
+            ids = _laid_out(self.name, x, ids, serving.layout)
+        return _sv_bank_linear(x, self.weight, self.a, self.s, self.b, self.cores, ids,
                                bias=self.bias, scaling=self.scaling, backend=self.backend,
                                device_check=False)
+
+    def _idle(self, x):
+        if self._serving.merged:
+            return F.linear(x, self._merged_weight, self.bias)
+        raise RuntimeError(
+            f"bank layer {self.name!r} ran outside `with bank.activate(adapter_ids):` in this "
+            "thread (activation is per thread); pass one adapter id (slot or name) per "
+            "sequence, -1 for the base model")
+
+    def merged_weight(self, slot: int) -> torch.Tensor:
+        """W + scaling·b·cores[slot]·diag(s)·a in the weight's dtype, computed as
+        SVLinear.delta_weight and merge() compute it (so the result is bit for bit what
+        svk.merge gives a layer holding that core)."""
+        weight = self.weight.detach()
+        dtype = torch.promote_types(weight.dtype, torch.float32)
+        right = self.cores[slot].to(dtype) @ (self.a.to(dtype) * self.s.to(dtype)[:, None])
+        delta = (self.b.to(dtype) * self.scaling) @ right
+        return (weight.to(dtype) + delta).to(weight.dtype)
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, rank={self.rank}, "
                 f"capacity={self.cores.shape[0]}, scaling={self.scaling}")
 
 
+def _laid_out(name, x, ids, layout):
+    """Per-sequence ids against a model whose layout is not batch-first (or not told)."""
+    if x.dim() < 3:
+        return ids                          # rows are the sequences either way
+    if layout == _SEQ_FIRST:
+        if x.shape[1] != ids.shape[0]:
+            raise ValueError(f"bank layer {name!r}: x has shape {tuple(x.shape)} (sequence-"
+                             f"first: batch is dim 1) but {ids.shape[0]} ids were activated")
+        return ids.view(1, -1, *([1] * (x.dim() - 3))).expand(x.shape[:-1])
+    if x.shape[0] == x.shape[1] and x.shape[0] > 1:
+        raise ValueError(
+            f"bank layer {name!r}: x has shape {tuple(x.shape)}, whose first two dimensions "
+            "are equal, and the bank was not told the model's layout: one id per sequence is "
+            "ambiguous. Build the bank with batch_first=True (x is (batch, seq, ...), as in "
+            "Hugging Face models) or batch_first=False (x is (seq, batch, ...))")
+    return ids
+
+
 class AdapterBank:
     """Holds up to `capacity` LoRA-XS adapters of one base model and serves them mixed.
 
     model: an nn.Module (a Hugging Face model or plain PyTorch), converted in place: each
-        layer targeted by cfg becomes a BankLinear. A model already injected with LoRA-XS
-        (svk.inject) is converted as it is; otherwise the bank injects cfg first, which computes
-        the same frozen factors the adapters were trained with (same config, same base).
+        layer targeted by cfg becomes a BankLinear. Everything is validated before anything is
+        converted: a refused bank leaves the model as it was. A model not yet injected is
+        injected with cfg first, which computes the same frozen factors the adapters were
+        trained with (same config, same base). A model already injected with LoRA-XS
+        (svk.inject) must agree with cfg (the same adapted layers, rank and alpha); its
+        trained cores are kept as the adapter `injected_name`.
     cfg: an svk.AdapterConfig with method="lora_xs".
     capacity: number of adapter slots, preallocated.
     dtype: the cores' storage dtype (default: the base weights' dtype, e.g. bf16 on a bf16
         model: 512 bytes per layer and user at r = 16).
+    max_batch: the most ids one activation holds (sequences, or tokens for per-token ids):
+        the size of the preallocated ids buffer (int64, on the model's device).
+    batch_first: the layout of the activations the adapted layers see, for one id per
+        sequence. True: x is (batch, seq, ..., in), ids apply along dim 0 (every Hugging Face
+        transformers model; the default for a transformers PreTrainedModel). False: x is
+        (seq, batch, ..., in), ids apply along dim 1. None (the default for other models):
+        not told; dim 0, and a forward whose x has equal first two dimensions (> 1) is refused
+        as ambiguous rather than guessed.
+    injected_name: the name under which an injected model's own trained cores are added to
+        the bank (slot 0); None discards them (explicitly).
     """
 
     def __init__(self, model: nn.Module, cfg, capacity: int, *, dtype: torch.dtype | None = None,
-                 progress: bool | None = None):
-        from svk.integrations import AdapterConfig, adapted_layers, inject
+                 max_batch: int = 4096, batch_first: bool | None = None,
+                 injected_name: str | None = INJECTED, progress: bool | None = None):
+        from svk.integrations import AdapterConfig, adapted_layers
         if not isinstance(cfg, AdapterConfig):
             raise TypeError(f"cfg must be an svk.AdapterConfig, got {type(cfg).__name__}")
         if cfg.method != "lora_xs":
             raise ValueError(f"an AdapterBank serves LoRA-XS adapters (method='lora_xs'), got "
                              f"method={cfg.method!r}: other methods have no shared frozen basis")
-        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
-            raise ValueError(f"capacity must be a positive int, got {capacity!r}")
-        if dtype is not None and not dtype.is_floating_point:
-            raise TypeError(f"dtype must be a floating dtype, got {dtype}")
+        for arg, value in (("capacity", capacity), ("max_batch", max_batch)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{arg} must be a positive int, got {value!r}")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+        if batch_first is not None and not isinstance(batch_first, bool):
+            raise TypeError(f"batch_first must be True, False or None, got {batch_first!r}")
+        if injected_name is not None and (not isinstance(injected_name, str) or not injected_name):
+            raise TypeError(f"injected_name must be a non-empty str or None, got "
+                            f"{injected_name!r}")
         if any(isinstance(m, BankLinear) for m in model.modules()):
             raise ValueError("the model already holds bank layers; one AdapterBank per model")
-        if not adapted_layers(model):
-            inject(model, cfg, progress=progress)
+        if batch_first is None:
+            transformers = sys.modules.get("transformers")
+            if transformers is not None and isinstance(model, transformers.PreTrainedModel):
+                batch_first = True
+        self.batch_first = batch_first
+
         svk_layers = adapted_layers(model)
-        foreign = sorted({layer.method for layer in svk_layers.values()} - {"lora_xs"})
-        if foreign:
-            raise ValueError(f"the model holds {foreign} adapter layers; a bank needs LoRA-XS")
+        injected = bool(svk_layers)
+        if injected:
+            _check_injected(model, svk_layers, cfg)
+            built = _bank_layers(svk_layers, cfg, capacity, dtype)     # the model is untouched
+            kept = ({name: layer.core.detach() for name, layer in svk_layers.items()}
+                    if injected_name is not None else None)
+        else:
+            # inject converts the model: undo it if anything below refuses.
+            with _restored_on_error(model, cfg):
+                _inject(model, cfg, progress)
+                svk_layers = adapted_layers(model)
+                built = _bank_layers(svk_layers, cfg, capacity, dtype)
+            kept = None
+
         self.cfg = cfg
         self.capacity = capacity
         self.model = model
-        self.layers: "OrderedDict[str, BankLinear]" = OrderedDict()
+        self._serving = _Serving()
         modules = dict(model.named_modules())
-        for name, layer in svk_layers.items():
-            if layer.merged:
-                raise ValueError(f"layer {name!r} is merged; unmerge before building a bank")
-            bank_layer = BankLinear(layer.weight, layer.bias, layer.a, layer.s, layer.b,
-                                    layer.scaling, capacity, dtype=dtype, backend=layer.backend,
-                                    name=name)
+        self.layers: "OrderedDict[str, BankLinear]" = OrderedDict()
+        for name, bank_layer in built.items():
+            bank_layer._serving = self._serving
             parent, _, child = name.rpartition(".")
             setattr(modules[parent] if parent else model, child, bank_layer)
             self.layers[name] = bank_layer
         self._slots: "OrderedDict[str, int]" = OrderedDict()
         self._free = list(range(capacity))          # a heap: the lowest free slot first
         self._occupied = torch.zeros(capacity, dtype=torch.bool)   # host mirror, for checks
-        self._active = self._active_host = None
+        # _serve_lock: held by the thread inside activate/merged blocks (re-entrant: a thread
+        # may nest them). _book_lock: the slot tables and which slots the serving thread uses.
+        self._serve_lock = threading.RLock()
+        self._book_lock = threading.Lock()
+        self._served: list[torch.Tensor] = []       # host ids of each open block, innermost last
+        self.ids_buffer = torch.full((max_batch,), -1, dtype=torch.int64,
+                                     device=self._device())
+        self._views: dict = {}                      # shape -> the same view of ids_buffer
+        if kept is not None:
+            self.add(injected_name, {f"{n}.core": core for n, core in kept.items()})
 
     # ---- adapters ---------------------------------------------------------------------
     @property
@@ -154,6 +275,10 @@ class AdapterBank:
         return next(iter(self.layers.values())).rank
 
     @property
+    def max_batch(self) -> int:
+        return self.ids_buffer.shape[0]
+
+    @property
     def nbytes(self) -> int:
         """Bytes of the cores' storage: capacity × layers × r² × dtype size."""
         return sum(layer.cores.numel() * layer.cores.element_size()
@@ -166,37 +291,41 @@ class AdapterBank:
         (svk.integrations.read_adapter), or a state dict {"<layer name>.core": (r, r)} holding
         one core per bank layer (tensors under other names are ignored, except "<layer>.s",
         "<layer>.a", "<layer>.b", which are compared with the bank's frozen factors).
-        Everything is validated before anything is copied.
+        Everything is validated before anything is copied. Safe while another thread serves:
+        a free slot is in no activated batch.
         """
         if not isinstance(name, str) or not name:
             raise TypeError(f"name must be a non-empty str, got {name!r}")
-        if name in self._slots:
-            raise ValueError(f"an adapter named {name!r} is already in the bank (slot "
-                             f"{self._slots[name]}); remove it first")
-        if not self._free:
-            raise RuntimeError(f"the bank is full (capacity {self.capacity}); remove an adapter "
-                               "or build a bank with a larger capacity")
         cores = self._read(adapter)
-        slot = heapq.heappop(self._free)
-        with torch.no_grad():
-            for layer_name, layer in self.layers.items():
-                layer.cores[slot].copy_(cores[layer_name])
-        self._slots[name] = slot
-        self._occupied[slot] = True
+        with self._book_lock:
+            if name in self._slots:
+                raise ValueError(f"an adapter named {name!r} is already in the bank (slot "
+                                 f"{self._slots[name]}); remove it first")
+            if not self._free:
+                raise RuntimeError(f"the bank is full (capacity {self.capacity}); remove an "
+                                   "adapter or build a bank with a larger capacity")
+            slot = heapq.heappop(self._free)
+            with torch.no_grad():
+                for layer_name, layer in self.layers.items():
+                    layer.cores[slot].copy_(cores[layer_name])
+            self._slots[name] = slot
+            self._occupied[slot] = True
         return slot
 
     def remove(self, name: str) -> int:
-        """Frees an adapter's slot (its cores are zeroed) and returns the slot."""
-        slot = self.slot(name)
-        if self._active is not None and bool((self._active_host == slot).any()):
-            raise RuntimeError(f"adapter {name!r} (slot {slot}) is being served by an active "
-                               "`bank.activate(...)`; remove it after the block")
-        with torch.no_grad():
-            for layer in self.layers.values():
-                layer.cores[slot].zero_()
-        del self._slots[name]
-        self._occupied[slot] = False
-        heapq.heappush(self._free, slot)
+        """Frees an adapter's slot (its cores are zeroed) and returns the slot. Refused while
+        an `activate` block (of any thread) serves it."""
+        with self._book_lock:
+            slot = self.slot(name)
+            if any(bool((host == slot).any()) for host in self._served):
+                raise RuntimeError(f"adapter {name!r} (slot {slot}) is being served by an active "
+                                   "`bank.activate(...)`; remove it after the block")
+            with torch.no_grad():
+                for layer in self.layers.values():
+                    layer.cores[slot].zero_()
+            del self._slots[name]
+            self._occupied[slot] = False
+            heapq.heappush(self._free, slot)
         return slot
 
     def _read(self, adapter) -> dict:
@@ -256,26 +385,34 @@ class AdapterBank:
 
     # ---- serving ----------------------------------------------------------------------
     def ids(self, adapters) -> torch.Tensor:
-        """Adapter ids (int64, on the model's device) for a list of names, slots or -1/None,
-        or an integer tensor of slots; every id must be -1 or a slot holding an adapter."""
-        return self._resolve_ids(adapters)[0]
+        """Adapter ids (int64, on the model's device; a new tensor, not the ids buffer) for a
+        list of names, slots or -1/None, or an integer tensor of slots; every id must be -1 or
+        a slot holding an adapter."""
+        host, source = self._host_ids(adapters)
+        with self._book_lock:
+            self._validate(host)
+        return host.to(self._device())
 
-    def _resolve_ids(self, adapters):
+    def _device(self) -> torch.device:
+        return next(iter(self.layers.values())).weight.device
+
+    def _host_ids(self, adapters):
+        """(int64 host copy, the tensor to copy into the buffer) of one activation's ids."""
         if isinstance(adapters, torch.Tensor):
-            if adapters.dtype.is_floating_point or adapters.dtype in (torch.bool,
-                                                                      torch.complex64,
-                                                                      torch.complex128):
+            if adapters.dtype.is_floating_point or adapters.dtype.is_complex or (
+                    adapters.dtype == torch.bool):
                 raise TypeError(f"adapter ids must be an integer tensor, got {adapters.dtype}")
-            host = adapters.detach().to("cpu", torch.int64)     # one copy per batch, not per layer
-            device = next(iter(self.layers.values())).weight.device
-            if adapters.device == device and adapters.dtype == torch.int64:
-                self._validate(host)
-                return adapters, host        # the caller's tensor itself: see activate()
-        else:
-            if isinstance(adapters, (str, int)):
-                raise TypeError("activate takes one id per sequence (a list or a tensor), got "
-                                f"a single {type(adapters).__name__}")
-            values = []
+            if adapters.dim() not in (1, 2):
+                raise ValueError(f"adapter ids must have shape (batch,) (one per sequence) or "
+                                 f"(batch, seq_len) (one per token), got {tuple(adapters.shape)}")
+            source = adapters.detach()
+            # One device-to-host copy per batch (a synchronisation on CUDA), not per layer.
+            return source.to("cpu", torch.int64), source
+        if isinstance(adapters, (str, int)):
+            raise TypeError("activate takes one id per sequence (a list or a tensor), got "
+                            f"a single {type(adapters).__name__}")
+        values = []
+        with self._book_lock:
             for item in adapters:
                 if item is None:
                     values.append(-1)
@@ -285,12 +422,11 @@ class AdapterBank:
                     values.append(item)
                 else:
                     raise TypeError(f"adapter ids are names, slots or -1, got {item!r}")
-            host = torch.tensor(values, dtype=torch.int64)
-        self._validate(host)
-        device = next(iter(self.layers.values())).weight.device
-        return host.to(device, non_blocking=True), host
+        host = torch.tensor(values, dtype=torch.int64).reshape(len(values))
+        return host, host
 
     def _validate(self, host):
+        """Every id is -1 or an occupied slot (call under _book_lock)."""
         bad = host[(host < -1) | (host >= self.capacity)]
         if bad.numel():
             raise ValueError(f"adapter id {int(bad[0])} is outside [-1, {self.capacity - 1}] "
@@ -300,34 +436,225 @@ class AdapterBank:
             raise ValueError(f"adapter slot {int(empty[0])} is empty (never added, or removed): "
                              "serving it would give the base model silently")
 
+    def _view(self, shape):
+        """The one view of ids_buffer for a shape (the same tensor every time)."""
+        view = self._views.get(shape)
+        if view is None:
+            view = self._views[shape] = self.ids_buffer[:math.prod(shape)].view(shape)
+        return view
+
+    def _layout(self, host) -> tuple[int, bool]:
+        """(layout code for the layers, transpose per-token ids into (seq, batch))."""
+        if host.dim() == 2:                 # per token: laid out like x's leading dims here
+            if self.batch_first is None and host.shape[0] == host.shape[1] > 1:
+                raise ValueError(
+                    f"per-token adapter ids of shape {tuple(host.shape)} are ambiguous: the "
+                    "bank was not told the model's layout; build it with batch_first=True or "
+                    "batch_first=False")
+            return _AS_GIVEN, self.batch_first is False
+        if self.batch_first is None:
+            return _UNKNOWN, False
+        return (_AS_GIVEN if self.batch_first else _SEQ_FIRST), False
+
     @contextlib.contextmanager
-    def activate(self, adapter_ids):
-        """Serves `adapter_ids` in every bank layer inside the block.
+    def activate(self, adapter_ids, *, timeout: float | None = None):
+        """Serves `adapter_ids` in every bank layer inside the block, in this thread.
 
         adapter_ids: one entry per sequence of the batch (names, slots, or -1/None for the base
         model), or an integer tensor of slots shaped (batch,) or (batch, seq_len) (one per token,
         for a single forward; generate() needs one per sequence). Validated here, once per
-        batch, on the host: a CUDA tensor costs one device-to-host copy.
+        batch, on the host (a CUDA tensor costs one device-to-host copy), then copied in place
+        into bank.ids_buffer; the block yields that view of the buffer.
 
-        An int64 tensor already on the model's device is served as it is (not copied), so a
-        captured CUDA graph can keep reading one static ids tensor: update it in place
-        (`static_ids.copy_(new_ids)`) and re-enter `activate(static_ids)` to validate it.
+        Blocks of different threads are serialised: this waits while another thread is inside
+        an activate (or merged) block, at most `timeout` seconds (None: no limit), then raises
+        RuntimeError. The same thread may nest blocks; the outer ids come back on exit.
+
+        A compiled model or a captured CUDA graph reads bank.ids_buffer: capture inside
+        `activate(ids)` (after a warm-up call at that batch size), then replay inside
+        `activate(new_ids)` with new ids of the same shape.
         """
-        ids, host = self._resolve_ids(adapter_ids)
-        previous = (self._active, getattr(self, "_active_host", None))
-        self._active, self._active_host = ids, host
-        for layer in self.layers.values():
-            layer._ids = ids
+        self._enter_serving(timeout)
         try:
-            yield ids
+            previous = self._load(adapter_ids)
+        except BaseException:
+            self._serve_lock.release()
+            raise
+        try:
+            yield self._serving.ids
         finally:
-            self._active, self._active_host = previous
-            for layer in self.layers.values():
-                layer._ids = previous[0]
+            self._unload(previous)
+            self._serve_lock.release()
+
+    def _enter_serving(self, timeout):
+        if timeout is not None and (isinstance(timeout, bool)
+                                    or not isinstance(timeout, (int, float)) or timeout < 0):
+            raise ValueError(f"timeout must be a non-negative number of seconds or None, got "
+                             f"{timeout!r}")
+        if not self._serve_lock.acquire(timeout=-1 if timeout is None else timeout):
+            raise RuntimeError(f"another thread has been serving this bank for more than "
+                               f"{timeout} s (activate blocks of different threads run one at "
+                               "a time: one ids buffer, one batch)")
+
+    def _load(self, adapter_ids):
+        """Validates ids, writes them into the buffer and sets this thread's state; returns
+        what to restore at the end of the block."""
+        host, source = self._host_ids(adapter_ids)
+        layout, transpose = self._layout(host)
+        if host.numel() > self.max_batch:
+            raise ValueError(f"{host.numel()} adapter ids do not fit the bank's ids buffer "
+                             f"(max_batch={self.max_batch}); build the bank with a larger "
+                             "max_batch")
+        if self.ids_buffer.device != self._device():     # the model moved since
+            self.ids_buffer = self.ids_buffer.to(self._device())
+            self._views.clear()
+        with self._book_lock:
+            self._validate(host)
+            self._served.append(host)
+        if transpose:
+            host, source = host.t(), source.t()
+        previous = self._state()
+        view = self._view(tuple(host.shape))
+        view.copy_(source)
+        self._set_state(view, layout, False, host, {})
+        return previous
+
+    def _state(self):
+        serving = self._serving
+        return (serving.ids, serving.layout, serving.merged, self._loaded,
+                {name: layer._merged_weight for name, layer in self.layers.items()})
+
+    def _set_state(self, ids, layout, merged, loaded, merged_weights):
+        serving = self._serving
+        serving.ids, serving.layout, serving.merged = ids, layout, merged
+        self._loaded = loaded
+        for name, layer in self.layers.items():
+            layer._merged_weight = merged_weights.get(name)
+
+    # The host ids the innermost open block wrote into the buffer (the serve lock makes
+    # this bank-wide value one thread's).
+    _loaded = None
+
+    def _unload(self, previous):
+        self._set_state(*previous)
+        ids = self._serving.ids
+        if ids is not None:                 # a nested block ends: the outer ids come back
+            ids.copy_(self._loaded)
+        with self._book_lock:
+            self._served.pop()
+
+    @contextlib.contextmanager
+    def merged(self, name: str, *, timeout: float | None = None):
+        """Serves one adapter to every row of every batch inside the block, in this thread,
+        through merged weights: each bank layer runs F.linear(x, W', bias) with
+        W' = W + scaling·b·core·diag(s)·a computed as svk.merge computes it (the update in
+        fp32, or fp64 for a fp64 base, rounded once to the weight's dtype), so the outputs are
+        those of a model injected with that adapter and merged. One GEMM per layer: the base
+        layer's cost, for any batch size and layout.
+
+        Costs one extra copy of every adapted weight while the block is open (freed at its
+        end); the shared weights are never modified, so the bank path (and any graph captured
+        from it) is unaffected. Threads and nesting as for `activate`. A graph compiled or
+        captured inside `activate` runs the bank path, not this one: capture it here.
+        """
+        self._enter_serving(timeout)
+        try:
+            with self._book_lock:
+                slot = self.slot(name)
+                host = torch.tensor([slot])
+                self._served.append(host)
+            try:
+                with torch.no_grad():
+                    weights = {n: layer.merged_weight(slot) for n, layer in self.layers.items()}
+            except BaseException:
+                with self._book_lock:
+                    self._served.pop()
+                raise
+            previous = self._state()
+            self._set_state(None, _AS_GIVEN, True, previous[3], weights)
+        except BaseException:
+            self._serve_lock.release()
+            raise
+        try:
+            yield
+        finally:
+            self._unload(previous)
+            self._serve_lock.release()
 
     def __repr__(self) -> str:
         return (f"AdapterBank({len(self)}/{self.capacity} adapters, {len(self.layers)} layers, "
                 f"rank {self.rank}, {self.nbytes / 2**20:.1f} MiB of cores)")
+
+
+# ---- building ---------------------------------------------------------------------------
+def _check_injected(model, svk_layers, cfg) -> None:
+    """An injected model must be what cfg would inject: LoRA-XS, unmerged, the same layers,
+    rank and alpha. Raises before anything changes."""
+    from svk.nn.base import is_adaptable
+    foreign = sorted({layer.method for layer in svk_layers.values()} - {"lora_xs"})
+    if foreign:
+        raise ValueError(f"the model holds {foreign} adapter layers; a bank needs LoRA-XS")
+    hp = cfg.hparams()
+    rank = hp["rank"]
+    scaling = cfg.method_class.scaling_for(hp, rank)
+    for name, layer in svk_layers.items():
+        if layer.merged:
+            raise ValueError(f"layer {name!r} is merged; unmerge before building a bank")
+        if not cfg.matches(name):
+            raise ValueError(f"the model's adapted layer {name!r} is not in cfg.target_modules="
+                             f"{cfg.target_modules!r}; pass the config the model was injected "
+                             "with")
+        if layer.rank != rank:
+            raise ValueError(f"layer {name!r} has rank {layer.rank} but cfg says rank {rank}; "
+                             "pass the config the model was injected with")
+        if not math.isclose(layer.scaling, scaling, rel_tol=1e-9):
+            raise ValueError(f"layer {name!r} has scaling {layer.scaling} but cfg gives "
+                             f"{scaling} (alpha {hp['alpha']} / rank {rank}); pass the config "
+                             "the model was injected with")
+    missing = [name for name, module in model.named_modules()
+               if name and cfg.matches(name) and is_adaptable(module)]
+    if missing:
+        raise ValueError(f"cfg.target_modules={cfg.target_modules!r} matches layers the model "
+                         f"was not injected with: {missing[:5]}; pass the config the model "
+                         "was injected with")
+
+
+def _bank_layers(svk_layers, cfg, capacity, dtype) -> "OrderedDict[str, BankLinear]":
+    """A BankLinear per adapted layer, sharing its frozen tensors (the model is untouched)."""
+    return OrderedDict(
+        (name, BankLinear(layer.weight, layer.bias, layer.a, layer.s, layer.b, layer.scaling,
+                          capacity, dtype=dtype, backend=cfg.backend, name=name))
+        for name, layer in svk_layers.items())
+
+
+def _inject(model, cfg, progress):
+    from svk.integrations import inject
+    inject(model, cfg, progress=progress)
+
+
+@contextlib.contextmanager
+def _restored_on_error(model, cfg):
+    """Puts the targeted modules, every requires_grad flag and the config back when the body
+    raises (inject converts and freezes the model)."""
+    from svk.nn.base import is_adaptable
+    originals = {name: module for name, module in model.named_modules()
+                 if name and cfg.matches(name) and is_adaptable(module)}
+    flags = [(param, param.requires_grad) for param in model.parameters()]
+    had_config = "_svk_config" in vars(model)
+    try:
+        yield
+    except BaseException:
+        modules = dict(model.named_modules())
+        for name, module in originals.items():
+            parent, _, child = name.rpartition(".")
+            owner = modules.get(parent) if parent else model
+            if owner is not None:
+                setattr(owner, child, module)
+        for param, flag in flags:
+            param.requires_grad_(flag)
+        if not had_config:
+            vars(model).pop("_svk_config", None)
+        raise
 
 
 def _check_same_factor(key, value, bank_value) -> None:
