@@ -122,9 +122,10 @@ def test_sara_rank_is_the_threshold_rule(kind, tau):
     layer = SARALinear.from_linear(linear, tau=tau)
     S = _svd64(kind)[1]
     assert layer.rank == _threshold(S, tau)
-    assert torch.equal(layer.s, torch.ones(layer.rank))
-    assert torch.equal(layer.b, torch.zeros_like(layer.b))
+    # init="paper": a, b Kaiming-uniform, s = 0 (tests/test_method_fidelity.py has the rest)
+    assert torch.equal(layer.s, torch.zeros(layer.rank))
     assert layer.a.abs().max() <= 1 / math.sqrt(linear.in_features)
+    assert layer.b.abs().max() <= 1 / math.sqrt(layer.rank) and layer.b.abs().max() > 0
     assert layer.scaling == 1.0
 
 
@@ -139,6 +140,7 @@ def test_mosara_rank_is_the_threshold_rule_and_factors_top(kind):
     assert _projector_distance(layer.b.t(), U[:, :k].t()) < 1e-3
     assert layer.s is None and torch.equal(layer.out_scale, torch.zeros(linear.out_features))
     assert layer.gate_in.abs().max() <= 1 / math.sqrt(k) and layer.gate_out.abs().max() <= 1
+    assert layer.lambdas.abs().max() <= 1 / math.sqrt(k)     # Kaiming-uniform, fan_in k
 
 
 @pytest.mark.parametrize("kind", LAYERS)

@@ -33,7 +33,9 @@ def threshold(S: Tensor, tau: float) -> list[int]:
     return _as_list(linalg.threshold(S, tau))
 
 
-def tail(S: Tensor, perc: float, criterion: str = "sum") -> list[int]:
+def tail(S: Tensor, perc: float, criterion: str) -> list[int]:
+    # criterion has no default here: svk.linalg.tail defaults to "sum" while SiVA's default is
+    # "energy", so the method must always say which one it means.
     return _as_list(linalg.tail(S, perc, criterion=criterion))
 
 

@@ -3,11 +3,12 @@ LoRA-XS, SiVA, Mo-SARA.
 
     LoRA-XS  a = Vh[:r], s = S[:r], b = U[:, :r] frozen; trains core (r, r) ~ N(0, 1e-5²)
              scaling alpha/r
-    SiVA     k = tail(S, perc) per layer; a = Vh[-k:], b = U[:, -k:] frozen; trains s (k,),
-             the change of W's k smallest singular values, from 0                 scaling 1
+    SiVA     k = tail(S, perc, criterion="energy") per layer; a = Vh[-k:], b = U[:, -k:]
+             frozen; trains s (k,), the change of W's k smallest singular values, from 0
+                                                                                  scaling 1
     Mo-SARA  k = threshold(S, tau) per layer; a = Vh[:k], b = U[:, :k] frozen (no S); trains
-             lambdas (m, k) ~ N(0, 1), the rank-1 router gate_in (k,), gate_out (m,) (nn.Linear
-             init) and out_scale (out,) = 0                                       scaling 1
+             lambdas (m, k) Kaiming-uniform (bound 1/√k), the rank-1 router gate_in (k,),
+             gate_out (m,) (nn.Linear init) and out_scale (out,) = 0             scaling 1
 """
 from __future__ import annotations
 
@@ -17,13 +18,27 @@ import torch
 from torch import Tensor
 
 from svk.nn import _spectral
-from svk.nn.base import SVLinear, adapter_dtype, normal, uniform
+from svk.nn.base import SVLinear, adapter_dtype, kaiming_uniform, normal, uniform
 from svk.ops.sv_mixture_linear import sv_mixture_linear
 
 
 class LoRAXSLinear(SVLinear):
     """LoRA-XS (Bałazy et al. 2024): only an r×r core between W's frozen top-r singular
-    vectors trains (r² parameters per layer)."""
+    vectors trains (r² parameters per layer).
+
+    ΔW = (alpha/r)·b·core·diag(s)·a with b = U[:, :r], s = S[:r], a = Vh[:r]: the official
+    code's B·R·A with S folded into A (A = diag(S)·Vh), R = core, the same function.
+
+    alpha is per task in the official code (MohammadrezaBanaei/LoRA-XS); the default 16 is its
+    GLUE setting (``main_glue.py``, paper App. "We fix the LoRA-XS scaling factor α to 16"), so
+    the scaling shrinks as the rank grows (rank 64 gives 0.25). Its other scripts use:
+
+        GLUE (RoBERTa-large, r 4–25)            alpha = 16         scaling 16/r
+        math (MetaMathQA → GSM8K/MATH, r 64)    alpha = r          scaling 1   (main_math_tuning.py)
+        commonsense (LLaMA2/3, r 32)            alpha = 2r = 64    scaling 2   (paper App. C.2)
+
+    Checkpoints trained with the official code load with
+    ``svk.integrations.official.load_lora_xs_official``."""
 
     method = "lora_xs"
     HPARAMS = {"rank": 16, "alpha": 16.0}
@@ -46,10 +61,20 @@ class LoRAXSLinear(SVLinear):
 
 class SiVALinear(SVLinear):
     """SiVA: trains only the change of W's k smallest singular values, along W's own
-    singular vectors; k per layer from ``perc`` (tail rule)."""
+    singular vectors; k per layer from ``perc`` (tail rule).
+
+    criterion="energy" (default) measures the tail in squared singular values, as the paper's
+    method section defines k: the values "that capture the bottom (1 − perc)% of the
+    variance". criterion="sum" measures plain singular values, as its conclusion words it
+    ("cumulative sum of singular values"). The paper's own parameter counts side with the
+    variance: at perc 0.95 on query/value they imply that k is 52.6 % of the singular values
+    on ViT-B (9.7K of 12·2·768), 61.6 % on ViT-L (30.3K of 24·2·1024) and 46.8 % on
+    RoBERTa-large (23K of 24·2·1024). On MiniLM-L6's 12 query/value matrices (384×384) at
+    perc 0.95, "energy" picks 49.7 % (172–203 per layer) and "sum" 28.9 % (101–120).
+    """
 
     method = "siva"
-    HPARAMS = {"perc": 0.95, "criterion": "sum"}
+    HPARAMS = {"perc": 0.95, "criterion": "energy"}
     TRAINABLE = ("s",)
 
     @classmethod
@@ -88,7 +113,8 @@ class MoSARALinear(SVLinear):
         dtype = adapter_dtype(W.dtype)
         draw = dict(generator=generator, device=W.device, dtype=dtype)
         return [{"a": Vh[i, :k].to(dtype), "b": U[i, :, :k].to(dtype),
-                 "lambdas": normal((m, k), 1.0, **draw),
+                 # the paper's random inits are Kaiming-uniform (appendix): fan_in k
+                 "lambdas": kaiming_uniform((m, k), k, **draw),
                  # like nn.Linear(k, 1).weight and nn.Linear(1, m).weight
                  "gate_in": uniform((k,), 1.0 / math.sqrt(k), **draw),
                  "gate_out": uniform((m,), 1.0, **draw),
