@@ -163,14 +163,16 @@ def test_lora_xs_file_is_small_and_checks_the_base(tmp_path):
     path = tmp_path / "a.safetensors"
     save_adapter(model, path)
     info = read_adapter(path)
-    assert {key.rsplit(".", 1)[1] for key in info.tensors} == {"core", "s"}
+    # plus one (8, 8) fingerprint of each base weight (format 2)
+    assert {key.rsplit(".", 1)[1] for key in info.tensors} == {"core", "s", "base_fingerprint"}
     other_base = build(seed=5)
     inject(other_base, cfg, progress=False)
     with pytest.raises(ValueError, match="different base"):
         load_adapter(other_base, path)
     save_adapter(model, tmp_path / "full.safetensors", include_frozen=True)
     full = read_adapter(tmp_path / "full.safetensors")
-    assert {key.rsplit(".", 1)[1] for key in full.tensors} == {"core", "s", "a", "b"}
+    assert {key.rsplit(".", 1)[1] for key in full.tensors} == {"core", "s", "a", "b",
+                                                               "base_fingerprint"}
 
 
 def test_generate_merge_and_autocast_on_gpt2():
