@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import numbers
 import re
 from dataclasses import dataclass, field
@@ -10,6 +11,9 @@ from dataclasses import dataclass, field
 HPARAM_NAMES = ("rank", "alpha", "tau", "heads", "perc", "criterion", "beta", "gamma")
 CRITERIA = ("sum", "energy")
 BACKENDS = ("auto", "triton", "torch")
+# PEFT's shorthand (case-insensitive, as in PEFT): every nn.Linear / Conv1D except the output
+# layer; resolved against the model by inject.
+ALL_LINEAR = "all-linear"
 
 
 def _methods():
@@ -22,7 +26,9 @@ def _is_number(value) -> bool:
 
 
 def validate_hparams(method: str, hp: dict) -> None:
-    """Raises ValueError/TypeError naming the hyperparameter and the value seen."""
+    """Raises ValueError/TypeError naming the hyperparameter and the value seen. Converts
+    numpy (and other numbers.Real) scalars to Python int/float in place, so that every
+    accepted value behaves alike and serialises to JSON (adapter files, AdapterConfig)."""
     def fail(name, rule):
         raise ValueError(f"{method}: {name} must be {rule}, got {hp[name]!r}")
 
@@ -30,11 +36,18 @@ def validate_hparams(method: str, hp: dict) -> None:
         if name in hp:
             if isinstance(hp[name], bool) or not isinstance(hp[name], numbers.Integral):
                 raise TypeError(f"{method}: {name} must be an int, got {hp[name]!r}")
+            hp[name] = int(hp[name])
             if hp[name] < 1:
                 fail(name, "≥ 1")
     for name in ("alpha", "tau", "perc", "beta", "gamma"):
-        if name in hp and not _is_number(hp[name]):
-            raise TypeError(f"{method}: {name} must be a number, got {hp[name]!r}")
+        if name in hp:
+            if not _is_number(hp[name]):
+                raise TypeError(f"{method}: {name} must be a number, got {hp[name]!r}")
+            # inf or nan would reach every output (alpha through scaling, beta/gamma through
+            # the loss) as inf/nan on the first step: refuse them here, by name.
+            if not math.isfinite(float(hp[name])):
+                fail(name, "a finite number")
+            hp[name] = float(hp[name])
     if "alpha" in hp and not hp["alpha"] > 0:
         fail("alpha", "> 0")
     if "tau" in hp and not 0 < hp["tau"] <= 1:
@@ -54,9 +67,12 @@ class AdapterConfig:
 
     method: "lora_xs" | "sara" | "mosara" | "kasa" | "siva" | "lora" | "pissa".
     target_modules: a list of module names, each matching a module whose qualified name equals
-        it or ends with "." + it (e.g. ["q_proj", "v_proj"]), or one regex string that must
-        match the whole qualified name (e.g. r".*\\.(query|value)"). Only nn.Linear and GPT-2
-        Conv1D modules are adapted.
+        it or ends with "." + it (e.g. ["q_proj", "v_proj"]); every entry must match a module
+        (a typo raises). Or one regex string that must match the whole qualified name (e.g.
+        r".*\\.(query|value)"). Or "all-linear" (PEFT's meaning): every nn.Linear / Conv1D
+        except the output layer — a transformers model's get_output_embeddings() module or,
+        where it has none, its "score" / "classifier" head (with everything inside it). Only
+        nn.Linear and GPT-2 Conv1D modules are adapted.
     Hyperparameters (None = the method's paper default; giving one the method does not use is
     an error): rank, alpha (LoRA-XS, KaSA, LoRA), tau (SARA 0.01, Mo-SARA 0.5), heads (Mo-SARA
     5), perc and criterion (SiVA 0.95, "sum" | "energy"), beta and gamma (KaSA 1e-4, 1e-3).
@@ -93,8 +109,12 @@ class AdapterConfig:
         if unused:
             raise ValueError(f"method {self.method!r} takes {sorted(cls.HPARAMS)}; "
                              f"{unused} must be left as None")
-        cls.resolve_hparams(**{name: getattr(self, name) for name in given})
-        if isinstance(self.target_modules, str):
+        resolved = cls.resolve_hparams(**{name: getattr(self, name) for name in given})
+        for name in given:      # numpy scalars become int/float (validate_hparams)
+            setattr(self, name, resolved[name])
+        if isinstance(self.target_modules, str) and self.target_modules.lower() == ALL_LINEAR:
+            self.target_modules = ALL_LINEAR
+        elif isinstance(self.target_modules, str):
             try:
                 self._pattern = re.compile(self.target_modules)
             except re.error as error:
@@ -131,10 +151,30 @@ class AdapterConfig:
         return self.method_class.resolve_hparams(
             **{name: value for name, value in given.items() if value is not None})
 
+    @property
+    def all_linear(self) -> bool:
+        return self.target_modules == ALL_LINEAR
+
     def matches(self, name: str) -> bool:
+        """Whether a module name is targeted by name. With "all-linear" every name matches
+        here; inject then leaves out the model's output layer, which a name cannot tell."""
+        if self.all_linear:
+            return True
         if self._pattern is not None:
             return self._pattern.fullmatch(name) is not None
-        return any(name == t or name.endswith("." + t) for t in self.target_modules)
+        return any(_name_matches(name, t) for t in self.target_modules)
+
+    def unmatched_targets(self, names) -> list[str]:
+        """The target_modules list entries that match none of ``names`` (empty for a regex or
+        "all-linear")."""
+        if self.all_linear or self._pattern is not None:
+            return []
+        names = list(names)
+        return [t for t in self.target_modules if not any(_name_matches(n, t) for n in names)]
+
+    def is_saved_module(self, name: str) -> bool:
+        """Whether ``name`` is one of modules_to_save (matched like target_modules' names)."""
+        return any(_name_matches(name, t) for t in self.modules_to_save or ())
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
@@ -145,3 +185,7 @@ class AdapterConfig:
     @classmethod
     def from_json(cls, text: str) -> "AdapterConfig":
         return cls(**json.loads(text))
+
+
+def _name_matches(name: str, entry: str) -> bool:
+    return name == entry or name.endswith("." + entry)

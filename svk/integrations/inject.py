@@ -11,12 +11,14 @@ weights' own device (DESIGN.md §4–5), in chunks that bound the stacked copy's
 from __future__ import annotations
 
 import logging
+import warnings
 from collections import OrderedDict, namedtuple
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from svk.integrations import _state_dict
 from svk.integrations.config import AdapterConfig
 from svk.nn.base import SVLinear, is_adaptable, is_conv1d, linear_weight
 
@@ -75,92 +77,273 @@ def adapted_layers(model: nn.Module) -> "OrderedDict[str, SVLinear]":
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
         return model.module
     return model
 
 
-def _targets(model: nn.Module, cfg: AdapterConfig) -> list[tuple[str, nn.Module]]:
-    targets = [(name, m) for name, m in model.named_modules()
-               if name and cfg.matches(name) and is_adaptable(m)]
+@dataclass
+class _Target:
+    name: str               # the first name in named_modules() order
+    module: nn.Module
+    names: list             # every name the module is registered under (aliases included)
+
+
+def _all_names(model: nn.Module) -> dict:
+    """id(module) -> every qualified name it is registered under, in model order."""
+    names: dict = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(module), []).append(name)
+    return names
+
+
+def _output_layers(model: nn.Module) -> set:
+    """ids of the modules "all-linear" leaves out, with everything inside them: the output
+    embedding of a transformers model, or else its "score" / "classifier" head (PEFT 0.21's
+    rule, _maybe_include_all_linear_layers; PEFT drops a classifier only with
+    task_type=SEQ_CLS and only the head module itself, svk always and its whole subtree)."""
+    head = None
+    getter = getattr(model, "get_output_embeddings", None)
+    if callable(getter):
+        try:
+            head = getter()
+        except (NotImplementedError, AttributeError):
+            head = None
+    if head is None:
+        for attr in ("score", "classifier"):
+            if isinstance(getattr(model, attr, None), nn.Module):
+                head = getattr(model, attr)
+                break
+    return set() if head is None else {id(m) for m in head.modules()}
+
+
+def _resolve(model: nn.Module, cfg: AdapterConfig):
+    """(targets, saved): the layers to adapt and the modules_to_save, both in model order.
+    Raises ValueError for entries that match nothing and for overlaps."""
+    names = _all_names(model)
+    adaptable = [(name, m) for name, m in model.named_modules() if name and is_adaptable(m)]
+
+    saved: list[_Target] = []
+    if cfg.modules_to_save:
+        all_names = [n for ns in names.values() for n in ns if n]
+        missing = [e for e in cfg.modules_to_save
+                   if not any(n == e or n.endswith("." + e) for n in all_names)]
+        if missing:
+            raise ValueError(f"modules_to_save entries {missing} match no module of the model")
+        inside: set = set()
+        for name, module in model.named_modules():
+            if name and id(module) not in inside and any(
+                    cfg.is_saved_module(n) for n in names[id(module)]):
+                saved.append(_Target(name, module, names[id(module)]))
+                inside |= {id(m) for m in module.modules()}
+    saved_ids = {id(m) for t in saved for m in t.module.modules()}
+
+    excluded = _output_layers(model) | saved_ids if cfg.all_linear else set()
+    targets = [_Target(name, m, names[id(m)]) for name, m in adaptable
+               if id(m) not in excluded and any(cfg.matches(n) for n in names[id(m)])]
     if not targets:
-        candidates = [name for name, m in model.named_modules() if is_adaptable(m)]
-        shown = ", ".join(candidates[:12]) + (", …" if len(candidates) > 12 else "")
+        shown = ", ".join(n for n, _ in adaptable[:12]) + (", …" if len(adaptable) > 12 else "")
         raise ValueError(f"no nn.Linear or Conv1D module matched target_modules="
                          f"{cfg.target_modules!r}; adaptable modules are: {shown or 'none'}")
-    return targets
+    unmatched = cfg.unmatched_targets(n for _, m in adaptable for n in names[id(m)])
+    if unmatched:
+        others = [e for e in unmatched
+                  if any(n == e or n.endswith("." + e) for ns in names.values() for n in ns)]
+        detail = (f" ({others} name modules that are not nn.Linear or Conv1D)" if others
+                  else "")
+        raise ValueError(f"target_modules entries {unmatched} match no nn.Linear or Conv1D "
+                         f"module{detail}; fix or remove them (the other entries matched "
+                         f"{len(targets)} layers)")
+    overlap = [t.name for t in targets if id(t.module) in saved_ids]
+    if overlap:
+        raise ValueError(f"{overlap} are both targeted and in modules_to_save; a module is "
+                         "either adapted or trained in full")
+    aliased = [t.names for t in targets if len(t.names) > 1]
+    if aliased:
+        warnings.warn(f"modules registered under several names: {aliased}. Each is adapted "
+                      "once, and the one adapter layer replaces it under every name (shared, as "
+                      "the module was)", stacklevel=3)
+    return targets, saved
+
+
+def _check_ties(model: nn.Module, targets) -> None:
+    """Refuses a target whose weight is also used elsewhere (tied embeddings): merge() writes
+    into the weight in place, which would change the other user too."""
+    owners: dict = {}
+    storages: dict = {}
+    for mname, module in model.named_modules(remove_duplicate=False):
+        for pname, param in module.named_parameters(recurse=False):
+            qualified = f"{mname}.{pname}" if mname else pname
+            owners.setdefault(id(param), []).append((qualified, module))
+            if param.device.type != "meta" and param.numel():
+                storages.setdefault(param.untyped_storage().data_ptr(), []).append(
+                    (qualified, module))
+    problems = []
+    for target in targets:
+        weight = target.module.weight
+        sharing = owners[id(weight)]
+        if weight.device.type != "meta" and weight.numel():
+            sharing = sharing + storages[weight.untyped_storage().data_ptr()]
+        others = sorted({q for q, module in sharing if module is not target.module})
+        if others:
+            problems.append(f"{target.name}.weight is tied to {others}")
+    if problems:
+        first = problems[0].split(".weight", 1)[0]
+        raise ValueError(
+            "cannot adapt a tied weight: " + "; ".join(problems) + ". merge() writes into the "
+            "weight, which would change the tied module too. Leave the layer out of "
+            f"target_modules (\"all-linear\" already does for the output layer), or untie it "
+            f"first: model.get_submodule({first!r}).weight = torch.nn.Parameter("
+            f"model.get_submodule({first!r}).weight.detach().clone()), and for a "
+            "transformers model also model.config.tie_word_embeddings = False so that "
+            "save_pretrained and from_pretrained keep them apart")
+
+
+# Largest rank a layer of shape (out, in) takes: min(out, in) − headroom. LoRA has no limit (its
+# factors are random, not W's singular vectors); the adaptive methods pick k ≤ min(out, in).
+_RANK_HEADROOM = {"lora_xs": 0, "pissa": 0, "kasa": 1}
+
+
+def _check_ranks(targets, cfg: AdapterConfig, hp: dict) -> None:
+    headroom = _RANK_HEADROOM.get(cfg.method)
+    if headroom is None or "rank" not in hp:
+        return
+    bad = []
+    for target in targets:
+        out_features, in_features = linear_weight(target.module)[0].shape
+        limit = min(out_features, in_features) - headroom
+        if hp["rank"] > limit:
+            bad.append(f"{target.name} ({out_features}×{in_features}, rank ≤ {limit})")
+    if bad:
+        why = " (KaSA keeps at least one component in the base)" if cfg.method == "kasa" else ""
+        raise ValueError(f"{cfg.method}: rank={hp['rank']} is too large for {len(bad)} "
+                         f"layer(s): {', '.join(bad)}{why}. Lower the rank or leave those layers "
+                         "out of target_modules (a small classifier head is usually trained "
+                         "in full: modules_to_save)")
 
 
 def _groups(targets):
     """Targets grouped by (shape, dtype, device) in model order, each split into chunks whose
     fp32 stack stays under _CHUNK_BYTES."""
     groups: OrderedDict = OrderedDict()
-    for name, module in targets:
-        weight, _ = linear_weight(module)
-        groups.setdefault((tuple(weight.shape), weight.dtype, weight.device), []).append(
-            (name, module))
+    for target in targets:
+        weight, _ = linear_weight(target.module)
+        groups.setdefault((tuple(weight.shape), weight.dtype, weight.device), []).append(target)
     for (shape, _, _), members in groups.items():
         per_chunk = max(1, _CHUNK_BYTES // (4 * shape[0] * shape[1]))
         for start in range(0, len(members), per_chunk):
             yield members[start:start + per_chunk]
 
 
-def inject(model: nn.Module, cfg: AdapterConfig, *,
-           progress: bool | None = None) -> InjectionSummary:
-    """Replaces every nn.Linear / Conv1D whose name matches ``cfg.target_modules`` by the
-    method's SVLinear, in place; freezes every other parameter of the model.
-
-    Returns (and logs at INFO on the "svk" logger) an InjectionSummary with each layer's rank
-    and trainable count; the adaptive methods (SARA, Mo-SARA, SiVA) choose ranks per layer.
-    progress: tqdm bar over layers (None: only when stderr is a terminal).
-    Raises ValueError when nothing matched or the model already holds svk layers.
-    """
+def _build(targets, cfg: AdapterConfig, hp: dict, progress) -> dict:
     from tqdm.auto import tqdm
 
-    if not isinstance(cfg, AdapterConfig):
-        raise TypeError(f"cfg must be an svk.AdapterConfig, got {type(cfg).__name__}")
-    if adapted_layers(model):
-        raise ValueError("the model already holds svk adapter layers; inject once per model")
-    targets = _targets(model, cfg)
-    cls, hp = cfg.method_class, cfg.hparams()
-    for param in model.parameters():
-        param.requires_grad_(False)
-
+    cls = cfg.method_class
     generators: dict = {}
-    modules = dict(model.named_modules())
     built: dict[str, SVLinear] = {}
     bar = tqdm(total=len(targets), desc=f"svk inject {cfg.method}", unit="layer",
                disable=(None if progress is None else not progress))
-    with torch.no_grad():
-        for chunk in _groups(targets):
-            weights = [linear_weight(module) for _, module in chunk]
-            device = weights[0][0].device
-            generator = None
-            if cfg.seed is not None:
-                if device not in generators:
-                    generators[device] = torch.Generator(device=device).manual_seed(cfg.seed)
-                generator = generators[device]
-            stack = torch.stack([w.detach() for w, _ in weights])
-            factors = cls.init_factors(stack, hp, generator=generator)
-            del stack
-            for (name, _), (weight, bias), layer_factors in zip(chunk, weights, factors):
-                built[name] = cls.build(weight, bias, layer_factors, hp, backend=cfg.backend,
-                                        from_conv1d=is_conv1d(modules[name]))
-                bar.update(1)
-    bar.close()
+    try:
+        with torch.no_grad():
+            for chunk in _groups(targets):
+                weights = [linear_weight(t.module) for t in chunk]
+                device = weights[0][0].device
+                generator = None
+                if cfg.seed is not None:
+                    if device not in generators:
+                        generators[device] = torch.Generator(device=device).manual_seed(cfg.seed)
+                    generator = generators[device]
+                stack = torch.stack([w.detach() for w, _ in weights])
+                factors = cls.init_factors(stack, hp, generator=generator)
+                del stack
+                for target, (weight, bias), layer_factors in zip(chunk, weights, factors):
+                    built[target.name] = cls.build(weight, bias, layer_factors, hp,
+                                                   backend=cfg.backend,
+                                                   from_conv1d=is_conv1d(target.module))
+                    bar.update(1)
+    finally:
+        bar.close()
+    return built
 
-    for name, _ in targets:          # model order, whatever the grouping
-        parent_name, _, child = name.rpartition(".")
-        setattr(modules[parent_name] if parent_name else model, child, built[name])
+
+def _warn_untrainable(built: dict, method: str) -> None:
+    """LoRA-XS's update is b·core·diag(s)·a and PiSSA's factors are √S-scaled: where W has zero
+    singular values among the top r (an all-zero or low-rank weight), that part of the adapter
+    has zero gradient forever."""
+    if method not in ("lora_xs", "pissa"):
+        return
+    dead = []
+    for name, layer in built.items():
+        values = layer.s if method == "lora_xs" else layer.a.abs().amax(dim=1)
+        zeros = int((values == 0).sum())
+        if zeros:
+            dead.append(f"{name} ({zeros} of {layer.rank})")
+    if dead:
+        warnings.warn(f"{method}: these layers' weights have zero singular values among the top "
+                      f"r, so those adapter directions cannot train (an all-zero weight: none "
+                      f"of it): {', '.join(dead)}", stacklevel=3)
+
+
+def inject(model: nn.Module, cfg: AdapterConfig, *,
+           progress: bool | None = None) -> InjectionSummary:
+    """Replaces every nn.Linear / Conv1D whose name matches ``cfg.target_modules`` by the
+    method's SVLinear, in place; freezes every other parameter of the model except those of
+    ``cfg.modules_to_save``.
+
+    Returns an InjectionSummary (``summary.table()`` prints each layer's rank and trainable
+    count; also logged at INFO on the "svk" logger; nothing is printed). The adaptive methods
+    (SARA, Mo-SARA, SiVA) choose ranks per layer. progress: tqdm bar over layers (None: only
+    when stderr is a terminal).
+
+    Everything is checked before the model changes; a refused inject leaves it as it was.
+    Raises ValueError when nothing matched, a target_modules or modules_to_save entry matches
+    nothing, a target's weight is tied to another module's, the rank is too large for a
+    targeted layer (naming it), or the model already holds svk layers.
+    """
+    if not isinstance(cfg, AdapterConfig):
+        raise TypeError(f"cfg must be an svk.AdapterConfig, got {type(cfg).__name__}")
+    model = _unwrap(model)
+    if adapted_layers(model):
+        raise ValueError("the model already holds svk adapter layers; inject once per model")
+    targets, saved = _resolve(model, cfg)
+    _check_ties(model, targets)
+    hp = cfg.hparams()
+    _check_ranks(targets, cfg, hp)
+
+    # Building shares (and freezes) nn.Linear weights; anything failing past this point puts
+    # every requires_grad flag back, so that a refused inject changes nothing.
+    flags = [(name, param, param.requires_grad) for name, param in model.named_parameters()]
+    try:
+        built = _build(targets, cfg, hp, progress)
+    except BaseException:
+        for _, param, flag in flags:
+            param.requires_grad_(flag)
+        raise
+
+    for _, param, _ in flags:
+        param.requires_grad_(False)
+    modules = dict(model.named_modules(remove_duplicate=False))
+    for target in targets:          # model order, whatever the grouping; every alias
+        for name in target.names:
+            parent_name, _, child = name.rpartition(".")
+            setattr(modules[parent_name] if parent_name else model, child, built[target.name])
+    for target in saved:
+        target.module.requires_grad_(True)
     model._svk_config = cfg
+    model._svk_saved_modules = [t.name for t in saved]
+    # unload() gives the base model's parameters their flags from before inject back.
+    model._svk_requires_grad = {name: flag for name, _, flag in flags}
+    model._svk_hooks = _state_dict.install(model, built.values())
+    _warn_untrainable(built, cfg.method)
 
     count = trainable_parameters(model)
     summary = InjectionSummary(
         method=cfg.method,
         layers=[LayerSummary(name, cfg.method, layer.in_features, layer.out_features,
                              layer.rank, layer.num_trainable())
-                for name, layer in ((n, built[n]) for n, _ in targets)],
+                for name, layer in ((t.name, built[t.name]) for t in targets)],
         trainable=count.trainable, total=count.total)
+    model._svk_summary = summary
     logger.info("svk.inject:\n%s", summary.table())
     return summary
 
@@ -211,3 +394,26 @@ def trainable_parameters(model: nn.Module) -> ParameterCount:
         seen.setdefault(id(param), param)
     trainable = sum(p.numel() for p in seen.values() if p.requires_grad)
     return ParameterCount(trainable, sum(p.numel() for p in seen.values()))
+
+
+def print_trainable_parameters(model: nn.Module, *, per_layer: bool = False) -> ParameterCount:
+    """Prints PEFT's line, "trainable params: … || all params: … || trainable%: …"; with
+    per_layer=True first the table of every adapter layer (name, shape, rank, trainable).
+    Returns the counts. (inject itself prints nothing: its summary is returned, and logged at
+    INFO on the "svk" logger — logging.getLogger("svk").setLevel("INFO") with a handler.)"""
+    count = trainable_parameters(model)
+    if per_layer:
+        layers = _require_layers(model)
+        cfg = getattr(_unwrap(model), "_svk_config", None)
+        method = cfg.method if cfg is not None else "/".join(
+            sorted({layer.method for layer in layers.values()}))
+        print(InjectionSummary(
+            method=method,
+            layers=[LayerSummary(name, layer.method, layer.in_features, layer.out_features,
+                                 layer.rank, layer.num_trainable())
+                    for name, layer in layers.items()],
+            trainable=count.trainable, total=count.total).table())
+    percent = 100.0 * count.trainable / max(count.total, 1)
+    print(f"trainable params: {count.trainable:,d} || all params: {count.total:,d} || "
+          f"trainable%: {percent:.4f}")
+    return count
