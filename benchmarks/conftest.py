@@ -1,68 +1,106 @@
-"""Collects every benchmark of the run into benchmarks/results/latest-<device>.json and prints
-a markdown table per group, with each provider's time relative to the reference and the floor
-(the base layer alone) measured in the same run."""
+"""Collects every benchmark of the run into one JSON and one markdown file and prints a short
+summary (benchmarks/summary.py): each case's svk vs reference vs base with spreads, a verdict,
+issue 12's targets, and warnings for a noisy run or impossible floors.
+
+Where the files go: benchmarks/results/local/latest-<device>.{json,md} (untracked) by default;
+the tracked benchmarks/results/latest-<device>.* only with --svk-save-results or
+SVK_BENCH_SAVE=1 (they are the README's published numbers); SVK_BENCH_RESULTS=PATH names the
+JSON explicitly (benchmarks/gpu.sh). pytest-benchmark's own wide tables are not printed (the
+JSON holds the same numbers); --svk-bench-tables prints them too.
+
+Results come from pytest-benchmark (the `benchmark` fixture) and from the interleaved timer of
+the host-overhead and decode families (the `svk_results` fixture: a list to append
+benchmarks.utils.as_result dicts to).
+"""
 import json
 import os
 import pathlib
+import subprocess
 import sys
 
+import pytest
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from benchmarks.utils import floor_ms, median_ms  # noqa: E402
+from benchmarks.summary import markdown, summarize  # noqa: E402
+from benchmarks.utils import quantile  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 
 
-def _floor_line(extra):
-    """The case's two floors (benchmarks/floors.py), when it counted its work."""
-    if "flops" not in extra:
-        return ""
-    return (f"floors: {extra['flops'] / 1e9:.3g} GFLOP at {extra['matrix_tflops']:.3g} TFLOP/s "
-            f"= {extra['flop_floor_ms']:.3g} ms; {extra['bytes'] / 1e6:.3g} MB at "
-            f"{extra['copy_gbps']:.3g} GB/s = {extra['byte_floor_ms']:.3g} ms\n")
+def pytest_addoption(parser):
+    group = parser.getgroup("svk benchmarks")
+    group.addoption("--svk-save-results", action="store_true", default=False,
+                    help="write benchmarks/results/latest-<device>.{json,md} (tracked: the "
+                         "README's numbers) instead of benchmarks/results/local/")
+    group.addoption("--svk-bench-tables", action="store_true", default=False,
+                    help="also print pytest-benchmark's own tables")
 
 
-def _rows(benchmarks):
-    groups = {}
-    for bench in benchmarks:
-        groups.setdefault(bench.get("group") or bench["name"], []).append(bench)
-    lines = []
-    for group, items in groups.items():
-        by_provider = {b["extra_info"].get("provider"): median_ms(b) for b in items}
-        lines += [f"\n**{group}**\n", _floor_line(items[0]["extra_info"]),
-                  "| benchmark | provider | median ms | × reference | × base | × floor | "
-                  "saved for backward |", "|---|---|---|---|---|---|---|"]
-        for bench in items:
-            extra = bench["extra_info"]
-            ms = median_ms(bench)
-            ref, base = by_provider.get("reference"), by_provider.get("base")
-            floor = floor_ms(extra)
-            saved = extra.get("saved_bytes")
-            lines.append(
-                f"| {bench['name'].split('[')[-1].rstrip(']')} | {extra.get('provider', '')} | "
-                f"{ms:.3f} | {f'{ref / ms:.2f}× faster' if ref else ''} | "
-                f"{f'{ms / base:.2f}' if base else ''} | {f'{ms / floor:.2f}' if floor else ''} | "
-                f"{'' if saved is None else f'{saved / 2**20:.2f} MiB'} |")
-    return lines
+@pytest.fixture(scope="session")
+def svk_results(request):
+    """Results timed outside pytest-benchmark; the session's summary includes them."""
+    if not hasattr(request.config, "_svk_results"):
+        request.config._svk_results = []
+    return request.config._svk_results
+
+
+def results_path(config, device) -> pathlib.Path:
+    save = config.getoption("--svk-save-results") or os.environ.get("SVK_BENCH_SAVE") == "1"
+    folder = RESULTS if save else RESULTS / "local"
+    return folder / os.environ.get("SVK_BENCH_RESULTS", f"latest-{device}.json")
+
+
+def _with_spread(bench):
+    """A pytest-benchmark result with p20/p80 from its rounds (the summary's spread)."""
+    data = bench["stats"].pop("data", None)
+    if data and "p20_ms" not in bench["extra_info"]:
+        bench["extra_info"]["p20_ms"] = quantile(data, 0.2) * 1e3
+        bench["extra_info"]["p80_ms"] = quantile(data, 0.8) * 1e3
+    return bench
+
+
+def _header():
+    import svk
+    where = pathlib.Path(svk.__file__).resolve().parent.parent
+    try:
+        rev = subprocess.run(["git", "-C", str(where), "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(where), "status", "--porcelain", "svk"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        rev, dirty = "", ""
+    return (f": svk at {where} ({rev or 'no git'}{', svk/ modified' if dirty else ''}), "
+            f"torch {torch.__version__}")
 
 
 def pytest_sessionfinish(session):
-    bench_session = getattr(session.config, "_benchmarksession", None)
-    if bench_session is None or not bench_session.benchmarks:
-        return
-    benchmarks = [b.as_dict(include_data=False) for b in bench_session.benchmarks if b.has_error
-                  is False]
+    config = session.config
+    bench_session = getattr(config, "_benchmarksession", None)
+    benchmarks = []
+    if bench_session is not None:
+        benchmarks = [_with_spread(b.as_dict(include_data=True))
+                      for b in bench_session.benchmarks if b.has_error is False]
+    benchmarks += getattr(config, "_svk_results", [])
     if not benchmarks:
         return
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / os.environ.get("SVK_BENCH_RESULTS", f"latest-{device}.json")
+    out = results_path(config, device)
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(benchmarks, indent=1, default=str))
-    table = "\n".join(_rows(benchmarks))
-    (out.with_suffix(".md")).write_text(table + "\n")
-    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None:
-        reporter.write_line(table)
-        reporter.write_line(f"\nresults: {out} and {out.with_suffix('.md')}")
+    out.with_suffix(".md").write_text("\n".join(markdown(benchmarks)) + "\n")
+    config._svk_summary = summarize(benchmarks, header=_header()) + [
+        "", f"full tables: {out.with_suffix('.md')} and {out}"]
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_terminal_summary(terminalreporter, config):
+    lines = getattr(config, "_svk_summary", None)
+    if lines:
+        terminalreporter.write_line("")
+        for line in lines:
+            terminalreporter.write_line(line)
+    bench_session = getattr(config, "_benchmarksession", None)
+    if bench_session is not None and not config.getoption("--svk-bench-tables"):
+        bench_session.groups = None   # pytest-benchmark's display() prints nothing then

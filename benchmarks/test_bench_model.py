@@ -107,7 +107,8 @@ def test_model_training_step(benchmark, method, provider):
         peft_version = None
     held = list(model.parameters()) + [ids]
     measure(benchmark, step, DEVICE, provider=provider, rounds=None if CUDA else 5,
-            method=method, hidden=hidden, intermediate=intermediate, layers=layers,
+            method=method, family="model", short=f"model step {method}",
+            hidden=hidden, intermediate=intermediate, layers=layers,
             tokens=batch * sequence, rank=RANK, dtype=str(DTYPE), targets=TARGETS,
             trainable=sum(p.numel() for p in params),
             saved_bytes=saved_bytes(forward, exclude=held),

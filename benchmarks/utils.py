@@ -72,3 +72,72 @@ def measure(benchmark, fn, device, *, provider, rounds=None, **info):
             torch.cuda.synchronize(device)
         return benchmark.pedantic(synced, rounds=rounds or 20, warmup_rounds=3)
     return benchmark.pedantic(fn, rounds=rounds or 7, warmup_rounds=1)
+
+
+# Interleaved timing (host-overhead and decode families) ---------------------------------------
+
+def quantile(values, q):
+    """The q-quantile (0 ≤ q ≤ 1) of values, linearly interpolated (numpy's default rule)."""
+    ordered = sorted(values)
+    if not ordered:
+        raise ValueError("quantile of no values")
+    pos = q * (len(ordered) - 1)
+    low = int(pos)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+
+def interleaved(fns, *, calls, rounds, warmup=1, sync=None, context=None):
+    """Seconds per call of each fn in `fns` (name -> callable), one list entry per round.
+
+    Every round times a batch of `calls` calls of each provider in turn, in an order rotated
+    from round to round, so that a slow spell of a shared machine lands on every provider
+    rather than on whichever ran last; the median over rounds is then a same-run comparison.
+    Per-call times of a few µs cannot be timed one call at a time (the timer's own cost and
+    resolution are of that order), hence batches. The garbage collector is off inside a batch
+    and run between batches, so that no provider pays for another's garbage. `context`
+    (e.g. torch.no_grad) is entered once around each batch, as a model's whole forward is.
+    """
+    import contextlib
+    import gc
+    import time
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            with context() if context is not None else contextlib.nullcontext():
+                fns[name]()
+    times = {name: [] for name in names}
+    enabled = gc.isenabled()
+    try:
+        for round_ in range(rounds):
+            shift = round_ % len(names)
+            for name in names[shift:] + names[:shift]:
+                fn = fns[name]
+                gc.collect()
+                gc.disable()
+                with context() if context is not None else contextlib.nullcontext():
+                    start = time.perf_counter()
+                    for _ in range(calls):
+                        fn()
+                    if sync is not None:
+                        sync()
+                    elapsed = time.perf_counter() - start
+                times[name].append(elapsed / calls)
+                gc.enable()
+    finally:
+        if enabled:
+            gc.enable()
+    return times
+
+
+def as_result(name, group, seconds, **extra):
+    """A timing as a pytest-benchmark-shaped result (the JSON's schema): stats in seconds,
+    extra_info with median_ms, p20_ms and p80_ms (the spread the summary reports)."""
+    ms = [s * 1e3 for s in seconds]
+    median = quantile(seconds, 0.5)
+    stats = {"median": median, "min": min(seconds), "max": max(seconds), "rounds": len(seconds),
+             "q1": quantile(seconds, 0.25), "q3": quantile(seconds, 0.75)}
+    stats["iqr"] = stats["q3"] - stats["q1"]
+    return {"name": name, "group": group, "stats": stats,
+            "extra_info": dict(extra, median_ms=median * 1e3, p20_ms=quantile(ms, 0.2),
+                               p80_ms=quantile(ms, 0.8))}
