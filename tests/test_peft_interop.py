@@ -48,7 +48,8 @@ def tiny_gpt2():
     from transformers import GPT2Config, GPT2LMHeadModel
     torch.manual_seed(0)
     config = GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=32,
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0,
+                        eos_token_id=0)
     return GPT2LMHeadModel(config).eval()
 
 
@@ -227,6 +228,17 @@ def test_export_is_a_standard_checkpoint_peft_and_vllm_read(make, method, target
             module = named[name]
             module.weight.add_(delta.t() if raw["fan_in_fan_out"] else delta)
     assert rel_error(logits(vllm_like), logits(model)) <= RTOL
+
+
+def test_export_loads_with_auto_peft_model_from_its_config(tmp_path):
+    # The user's path: base_model_name_or_path and task_type let PEFT find the base itself.
+    from peft import AutoPeftModelForCausalLM
+    model, base = injected(tiny_llama, "lora_xs", LLAMA_TARGETS)
+    base.save_pretrained(str(tmp_path / "base"))
+    export_peft(model, tmp_path / "adapter", base_model_name_or_path=str(tmp_path / "base"),
+                task_type="CAUSAL_LM")
+    theirs = AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "adapter")).eval()
+    assert rel_error(logits(theirs), logits(model)) <= RTOL
 
 
 # ---- import -------------------------------------------------------------------------------

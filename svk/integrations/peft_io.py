@@ -94,22 +94,25 @@ def _pattern_key(name: str, all_names: list[str]) -> str:
 
 def _target_modules(model: nn.Module, adapted: list[str]) -> list[str]:
     """PEFT's target_modules list: the short names (["q_proj", "v_proj"], what PEFT users and
-    servers expect) when they select exactly the adapted modules, the full names otherwise."""
-    candidates = [name for name, m in model.named_modules()
-                  if name and (isinstance(m, SVLinear) or is_adaptable(m))]
+    servers expect) when they select exactly the adapted modules among all the model's modules
+    (PEFT's list rule: equal, or ending in "." + name), the full names otherwise."""
     short = sorted({name.rsplit(".", 1)[-1] for name in adapted})
-    selected = [n for n in candidates if n in short or any(n.endswith("." + t) for t in short)]
+    selected = [name for name, _ in model.named_modules()
+                if name and (name in short or any(name.endswith("." + t) for t in short))]
     return short if sorted(selected) == sorted(adapted) else sorted(adapted)
 
 
 def export_peft(model: nn.Module, directory: str | os.PathLike, *,
-                base_model_name_or_path: str | None = None) -> dict:
+                base_model_name_or_path: str | None = None,
+                task_type: str | None = None) -> dict:
     """Writes the model's svk adapters as a PEFT LoRA checkpoint (adapter_config.json and
     adapter_model.safetensors, PEFT 0.21's key naming ``base_model.model.<module>.lora_A.weight``)
     that ``peft.PeftModel.from_pretrained(original_base, directory)`` and vLLM load to the same
     outputs (see the module docstring). ``model`` is the model whose module names PEFT will
     see (the one you would pass to PeftModel); the original base is the model before
-    svk.inject (for KaSA and PiSSA: before their base rewrite).
+    svk.inject (for KaSA and PiSSA: before their base rewrite). base_model_name_or_path
+    (default: the model's ``name_or_path`` when it has one) and task_type (e.g. "CAUSAL_LM",
+    for peft.AutoPeftModelForCausalLM) go into the config as PEFT writes them.
 
     Returns the config written. Raises ValueError for Mo-SARA layers and for
     ``modules_to_save``; every check runs before anything is written."""
@@ -147,7 +150,7 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, *,
         base_model_name_or_path = getattr(root, "name_or_path", None) or None
     config = {
         "peft_type": "LORA",
-        "task_type": None,
+        "task_type": task_type,
         "base_model_name_or_path": base_model_name_or_path,
         "revision": None,
         "inference_mode": True,
