@@ -62,6 +62,7 @@ import json
 import math
 import numbers
 import os
+import re
 import secrets
 import stat
 import warnings
@@ -375,8 +376,13 @@ def _write(tensors: dict, metadata: dict, path: str) -> None:
         os.chmod(temporary, mode)
         os.replace(temporary, path)
     except (OSError, SafetensorError) as error:
-        code = getattr(error, "errno", None) or errno.EIO
-        reason = getattr(error, "strerror", None) or str(error).replace(temporary, "<temporary>")
+        code, reason = getattr(error, "errno", None), getattr(error, "strerror", None)
+        if code is None:
+            # safetensors reports I/O errors as text: "… I/O error: … (os error 28) at path …"
+            found = re.search(r"\(os error (\d+)\)", str(error))
+            code = int(found.group(1)) if found else errno.EIO
+            reason = (os.strerror(code) if found
+                      else str(error).replace(temporary, "<temporary file>"))
         raise OSError(code, f"cannot write the adapter file: {reason}", path) from error
     finally:
         if os.path.lexists(temporary):
