@@ -280,13 +280,26 @@ def test_import_peft_lora_llama(rslora, tmp_path):
     assert {n for n, p in ours.named_parameters() if p.requires_grad} == {
         f"{name}.{t}" for name in layers for t in ("a", "b")}
 
+    # An imported model is an ordinary svk model: its adapter file round-trips.
+    svk.save_adapter(ours, tmp_path / "svk.safetensors")
+    again = copy.deepcopy(base)
+    import_peft(again, tmp_path)
+    with torch.no_grad():
+        for layer in adapted_layers(again).values():
+            layer.b.zero_()
+    svk.load_adapter(again, tmp_path / "svk.safetensors")
+    ours.eval()
+    assert rel_error(logits(again), logits(ours)) == 0.0
 
-def test_import_peft_lora_gpt2_conv1d(tmp_path):
+
+@pytest.mark.parametrize("safe_serialization", [True, False])
+def test_import_peft_lora_gpt2_conv1d(safe_serialization, tmp_path):
     from peft import LoraConfig
     base = tiny_gpt2()
     config = LoraConfig(r=4, lora_alpha=16, target_modules=["c_attn", "c_fc"],
                         fan_in_fan_out=True)
-    _train_peft(copy.deepcopy(base), config).save_pretrained(str(tmp_path))
+    _train_peft(copy.deepcopy(base), config).save_pretrained(
+        str(tmp_path), safe_serialization=safe_serialization)   # False: adapter_model.bin
     theirs = peft_model(copy.deepcopy(base), tmp_path)
     ours = copy.deepcopy(base)
     import_peft(ours, tmp_path)
