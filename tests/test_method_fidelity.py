@@ -409,3 +409,18 @@ def test_official_loader_refuses_mismatches(tmp_path):
     load_lora_xs_official(model, tmp_path, _cfg())
     x = torch.randn(2, 48)
     _assert_matches(model(x), _official_outputs(reference, state, x))
+
+
+def test_official_load_round_trips_through_svk_adapter_files(tmp_path):
+    """The documented workflow: factors="official" changes a and b, so the svk file must carry
+    them (include_frozen=True); reloaded into a fresh injection it gives the official outputs."""
+    from svk.integrations import load_adapter, save_adapter
+    reference, model = TwoProj(), TwoProj()
+    state = _official_checkpoint(reference, flip=torch.tensor([-1.0, 1, 1, -1, 1, 1]))
+    load_lora_xs_official(model, state, _cfg())
+    save_adapter(model, tmp_path / "a.safetensors", include_frozen=True)
+    fresh = TwoProj()
+    inject(fresh, _cfg(), progress=False)
+    load_adapter(fresh, tmp_path / "a.safetensors")
+    x = torch.randn(2, 48)
+    _assert_matches(fresh(x), _official_outputs(reference, state, x))
