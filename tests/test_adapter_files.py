@@ -645,3 +645,14 @@ def test_fsdp2_save_matches_single_process(tmp_path):
     states = torch.load(tmp_path / "states.pt")
     for key, value in states["trained"].items():
         assert torch.equal(states["loaded"][key], value), key
+
+
+def test_check_base_for_readers_with_their_own_layers(tmp_path):
+    """adapter_io.check_base is what AdapterBank can call with its own (LoRA-XS) weights."""
+    model = _model("lora_xs")
+    save_adapter(model, tmp_path / "a.safetensors")
+    file = read_adapter(tmp_path / "a.safetensors")
+    adapter_io.check_base(file, "up", _base().up.weight)
+    adapter_io.check_base(file, "up", _base().up.weight.to(torch.bfloat16))
+    with pytest.raises(ValueError, match="layer 'up': the base weight differs"):
+        adapter_io.check_base(file, "up", _nudged_base().up.weight)

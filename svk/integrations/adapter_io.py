@@ -71,6 +71,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from svk.integrations._fingerprint import PROBES, _probe, sketch, unit_roundoff  # noqa: F401
 from svk.integrations.inject import _require_layers, _unwrap
 
 FORMAT = "svk.adapter"
@@ -80,9 +81,6 @@ ROLES = ("trainable", "check", "frozen")
 MODULE_ROLE = "module"
 FINGERPRINT_SUFFIX = "base_fingerprint"
 FINGERPRINT_KIND = "pm1_hash_sketch"
-PROBES = 8                       # the sketch is PROBES × PROBES numbers per layer
-_BLOCK_BYTES = 64 << 20          # float64 row block of W while sketching
-_MASK = 0xFFFFFFFF
 _REQUIRED = ("format", "format_version", "method", "config", "layers")
 _REQUIRED_V2 = ("fingerprint", "modules")
 
@@ -106,60 +104,15 @@ class AdapterFile:
 
 
 # ---- base-weight fingerprint ----------------------------------------------------------------
-def _mul32(x: Tensor, c: int) -> Tensor:
-    """(x · c) mod 2³² for int64 x in [0, 2³²), without int64 overflow (16-bit halves)."""
-    low = (x & 0xFFFF) * c
-    high = ((x >> 16) * c) & 0xFFFF
-    return (low + (high << 16)) & _MASK
-
-
-def _probe(n: int, which: int) -> Tensor:
-    """(n, PROBES) float64 matrix of ±1 from the 32-bit "lowbias32" integer hash of
-    (row, column, which): deterministic integer arithmetic, so every machine and torch version
-    draws the same probes (a torch RNG stream is not promised to stay the same)."""
-    index = (torch.arange(n, dtype=torch.int64)[:, None] * PROBES
-             + torch.arange(PROBES, dtype=torch.int64)[None, :]) * 2 + which
-    x = (index ^ 0x5BD1E995) & _MASK
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
-    x = x ^ (x >> 16)
-    return 1.0 - 2.0 * ((x >> 31) & 1).to(torch.float64)
-
-
-def sketch(weight: Tensor, removed: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, float]:
-    """(Pᵀ·W·Q as a (PROBES, PROBES) float64 CPU tensor, ‖W‖_F) of W = weight + b·a, where
-    removed = (b, a) is the low-rank part KaSA/PiSSA took out of the base (None otherwise):
-    the fingerprint of the original base weight. float64 in row blocks of at most 64 MiB,
-    on the weight's device (one pass over W; no TF32, no full-size temporary)."""
-    out_features, in_features = weight.shape
-    device = weight.device if weight.device.type != "mps" else torch.device("cpu")
-    p, q = _probe(out_features, 0).to(device), _probe(in_features, 1).to(device)
-    if removed is not None:
-        removed_b, removed_a = (t.detach().to(device, torch.float64) for t in removed)
-    result = torch.zeros(PROBES, PROBES, dtype=torch.float64, device=device)
-    squares = torch.zeros((), dtype=torch.float64, device=device)
-    rows = max(1, _BLOCK_BYTES // (8 * max(in_features, 1)))
-    for start in range(0, out_features, rows):
-        block = weight[start:start + rows].detach().to(device, torch.float64)
-        if removed is not None:
-            block = block + removed_b[start:start + rows] @ removed_a
-        result += p[start:start + rows].t() @ (block @ q)
-        squares += (block * block).sum()
-    return result.cpu(), math.sqrt(float(squares))
-
-
 def _layer_sketch(layer) -> tuple[Tensor, float]:
     """The fingerprint of a layer's original base weight (gathered first under FSDP2)."""
+    if not layer.weight.is_floating_point():
+        raise TypeError(f"{type(layer).__name__}: the base weight is {layer.weight.dtype}; the "
+                        "adapter file's base fingerprint needs a floating-point weight")
     removed = None
     if getattr(layer, "base_removed_b", None) is not None:
         removed = (_full(layer.base_removed_b), _full(layer.base_removed_a))
     return sketch(_full(layer.weight), removed)
-
-
-def _unit_roundoff(dtype: torch.dtype) -> float:
-    return torch.finfo(dtype).eps / 2
 
 
 def _check_fingerprint(name: str, file: AdapterFile, stored: Tensor, model_sketch,
@@ -172,12 +125,13 @@ def _check_fingerprint(name: str, file: AdapterFile, stored: Tensor, model_sketc
     2⁻¹¹ fp16, 2⁻²⁴ fp32 — also the floor, as KaSA/PiSSA's factors are computed in fp32), and
     the KaSA/PiSSA original recovered from a rounded residual adds one more rounding. So we
     allow 4·u·PROBES·‖W‖_F (2× margin over two roundings; measured same-base distances are
-    0.3–0.6·PROBES·u·‖W‖_F, a different base's ≈ √2·PROBES·‖W‖_F: a 1/(6u) ≈ 40× gap at bf16).
+    0.3–0.6·PROBES·u·‖W‖_F, a different base's ≈ √2·PROBES·‖W‖_F: √2/(4u) ≈ 90× above
+    the allowance at bf16, 2.3·10⁶× at fp32).
     """
     meta = file.layers[name]["base"]
     model_value, model_norm = model_sketch
     file_dtype = getattr(torch, meta["dtype"])
-    u = max(_unit_roundoff(file_dtype), _unit_roundoff(model_dtype), 2.0 ** -24)
+    u = max(unit_roundoff(file_dtype), unit_roundoff(model_dtype), 2.0 ** -24)
     scale = max(model_norm, meta["frobenius"])
     tolerance = 4 * u * PROBES * scale
     distance = float(torch.linalg.norm(stored - model_value))
@@ -194,6 +148,19 @@ def _check_fingerprint(name: str, file: AdapterFile, stored: Tensor, model_sketc
                      f"most {4 * u:.3g}·‖W‖ allowed; ‖W‖_F {model_norm:.6g} in the model, "
                      f"{meta['frobenius']:.6g} in the file; {dtypes}): the adapter was trained "
                      "on different base weights; load it into the base model it was trained on")
+
+
+def check_base(file: AdapterFile, layer_name: str, weight: Tensor,
+               removed: tuple[Tensor, Tensor] | None = None) -> None:
+    """Raises ValueError unless ``weight`` (+ removed b·a for KaSA/PiSSA) — the original base
+    weight of ``layer_name`` — matches the fingerprint the file recorded (format 2; a format-1
+    file records none and passes). For readers that hold their own layers (AdapterBank)."""
+    if file.format_version == "1":
+        return
+    if layer_name not in file.layers:
+        raise ValueError(f"{file.path}: the file has no layer {layer_name!r}")
+    _check_fingerprint(layer_name, file, file.tensors[f"{layer_name}.{FINGERPRINT_SUFFIX}"],
+                       sketch(_full(weight), removed), weight.dtype)
 
 
 # ---- saving ---------------------------------------------------------------------------------
@@ -578,7 +545,7 @@ def _check_values(path: str, key: str, value: Tensor, target: Tensor, norm: floa
     if tuple(value.shape) != tuple(target.shape):
         raise ValueError(f"{path}: {key}: shape {tuple(value.shape)} in the file but "
                          f"{tuple(target.shape)} in the model")
-    u = max(_unit_roundoff(file_dtype or torch.bfloat16), _unit_roundoff(model_dtype),
+    u = max(unit_roundoff(file_dtype or torch.bfloat16), unit_roundoff(model_dtype),
             2.0 ** -24)
     ours = _full(target).double().cpu()
     if not torch.allclose(value.double(), ours, rtol=1e-4, atol=4 * u * norm):
