@@ -175,15 +175,17 @@ def _check_ties(model: nn.Module, targets) -> None:
         for pname, param in module.named_parameters(recurse=False):
             qualified = f"{mname}.{pname}" if mname else pname
             owners.setdefault(id(param), []).append((qualified, module))
+            # Distinct Parameters over the same memory tie too; compare where each tensor
+            # starts (not its storage: tensors loaded from one file may share a storage).
             if param.device.type != "meta" and param.numel():
-                storages.setdefault(param.untyped_storage().data_ptr(), []).append(
+                storages.setdefault((param.device, param.data_ptr()), []).append(
                     (qualified, module))
     problems = []
     for target in targets:
         weight = target.module.weight
         sharing = owners[id(weight)]
         if weight.device.type != "meta" and weight.numel():
-            sharing = sharing + storages[weight.untyped_storage().data_ptr()]
+            sharing = sharing + storages[(weight.device, weight.data_ptr())]
         others = sorted({q for q, module in sharing if module is not target.module})
         if others:
             problems.append(f"{target.name}.weight is tied to {others}")
