@@ -159,6 +159,8 @@ def test_module_registered_twice_is_adapted_under_both_names():
         inject(net, _cfg("lora", ["blocks.0", "blocks.1"]), progress=False)
     assert isinstance(net.alias, SVLinear) and net.alias is net.blocks[0]
     assert list(adapted_layers(net)) == ["blocks.0", "blocks.1"]
+    unload(net, merge=True)
+    assert type(net.alias) is nn.Linear and net.alias is net.blocks[0]
 
 
 def test_merged_state_into_unmerged_model_is_refused_and_changes_nothing():
@@ -354,6 +356,21 @@ def test_unload_unmerged_and_disable_adapter_give_the_original_base(method):
     originals = dict(base.named_parameters())
     for name, param in model.named_parameters():
         torch.testing.assert_close(param, originals[name], **tolerance)
+
+
+def test_mosara_unload_refuses_merging_and_gives_the_base_back():
+    base, model = _llama(), _llama()
+    ids = _ids()
+    with torch.no_grad():
+        expected = base(ids).logits
+    inject(model, _cfg("mosara", ["q_proj", "v_proj"]), progress=False)
+    _perturb(model, scale=0.2)
+    with pytest.raises(ValueError, match="Mo-SARA"):
+        unload(model, merge=True)
+    assert len(adapted_layers(model)) == 4     # refused: nothing changed
+    unload(model, merge=False)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, expected)
 
 
 # ---- 15.11: quiet inject, PEFT-like counts --------------------------------------------------
