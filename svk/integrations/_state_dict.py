@@ -75,7 +75,9 @@ def load_state_dict_pre_hook(module, state_dict, prefix, local_metadata, strict,
     if marker is not None and not module.merged and weight.dim() == 3 and weight.shape[0] == 1:
         weight = weight[0]
     if module.from_conv1d and weight.dim() == 2:
-        weight = weight.t()
+        # contiguous: load_state_dict(assign=True) installs this tensor as the weight, and the
+        # fused ops take (out, in) row-major weights
+        weight = weight.t().contiguous()
     state_dict[key] = weight
     if module.merged:
         # The exact-unmerge copy belongs to the weight being replaced; without it unmerge()
