@@ -12,27 +12,56 @@ import triton
 from svk.kernels import _common
 
 KERNELS = {"_x_at_kernel", "_xw_plus_ub_kernel", "_x_at_router_kernel", "_x_at_router_bwd_kernel",
-           "_x_at_gather_core_kernel", "_xw_plus_xa_gather_core_b_kernel"}
+           "_x_at_gather_core_kernel", "_xw_plus_xa_gather_core_b_kernel", "_gather_core_kernel"}
+
+
+def _compile_check(tmp_path, *flags):
+    """Runs compile_check for sm_90 in a subprocess (the tests' process has the interpreter
+    on); returns (completed process, records)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "records.json"
+    run = subprocess.run([sys.executable, "-m", "svk.kernels.compile_check", "--arch", "90",
+                          "--quick", "--json", str(out), *flags], env=env, capture_output=True,
+                         text=True, timeout=900)
+    records = json.loads(out.read_text())["records"] if out.exists() else []
+    return run, records
 
 
 @pytest.mark.slow
 def test_every_kernel_compiles_for_sm90(tmp_path):
     """Every op, forward and backward, every strategy, bf16: each autotune config the pruning
     keeps compiles to a cubin and fits an H100's shared memory (about a minute, cold cache)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = tmp_path / "records.json"
-    run = subprocess.run([sys.executable, "-m", "svk.kernels.compile_check", "--arch", "90",
-                          "--quick", "--json", str(out)], env=env, capture_output=True, text=True,
-                         timeout=900)
+    run, records = _compile_check(tmp_path)
     assert run.returncode == 0, run.stdout + run.stderr
-    records = json.loads(out.read_text())["records"]
     assert {r["kernel"] for r in records} == KERNELS
     assert not [r for r in records if "error" in r]
     assert all(r["shared"] <= 227 * 1024 and r["registers"] <= 255 for r in records)
     # The pruning's estimate bounds what the compiler allocated, for every pruned kernel.
     estimated = [r for r in records if r["shared_estimate"] is not None]
-    assert {r["kernel"] for r in estimated} == KERNELS - {"_x_at_router_bwd_kernel"}
+    assert {r["kernel"] for r in estimated} == KERNELS - {"_x_at_router_bwd_kernel",
+                                                          "_gather_core_kernel"}
     assert all(r["shared"] <= r["shared_estimate"] for r in estimated)
+
+
+@pytest.mark.slow
+def test_pointer_offsets_are_64_bit_and_adapters_convert_before_the_k_loop(tmp_path):
+    """Issue 13.2: every pointer offset of every kernel is computed in 64 bits (TTIR
+    `tt.addptr` offsets are i64): with int32 row indices, (M − 1)·stride ≥ 2³¹ wraps into
+    other memory. Issue 13.9: the skinny kernels, whose only 16-bit operand conversion was
+    the fp32 adapter tile inside the K loop, now convert nothing (`arith.truncf`): the
+    launcher hands them a in x's dtype. One config per launch, bf16 with fp32 adapters."""
+    run, records = _compile_check(tmp_path, "--one-config")
+    assert {r["kernel"] for r in records} == KERNELS, run.stdout + run.stderr
+    assert not [r for r in records if "error" in r], run.stdout
+    narrow = {(r["kernel"], r["spec"], tuple(r["narrow_offsets"][:3]))
+              for r in records if r["narrow_offsets"]}
+    assert not narrow, f"32-bit pointer offsets: {sorted(narrow)}"
+    skinny = {"_x_at_kernel", "_x_at_gather_core_kernel", "_x_at_router_kernel"}
+    converting = {(r["kernel"], r["spec"]) for r in records
+                  if r["kernel"] in skinny and r["truncf"]}
+    assert not converting, f"fp32 → 16-bit conversions left in: {sorted(converting)}"
+    assert run.returncode == 0, run.stdout + run.stderr
+
 
 
 def _config(bm, bk, stages):
@@ -90,3 +119,23 @@ def test_one_pass_keeps_tiles_of_at_most_64_rows(monkeypatch):
     rows = lambda kept: [c.kwargs["BLOCK_M"] for c in kept]  # noqa: E731
     assert rows(xw._prune(configs, args, ONE_PASS=True, HAS_LOWRANK=True)) == [16, 64]
     assert rows(xw._prune(configs, args, ONE_PASS=False, HAS_LOWRANK=True)) == [16, 64, 128, 256]
+
+
+def test_untuned_mode_keeps_one_config(monkeypatch):
+    """SVK_AUTOTUNE=0 (gpu.sh's test steps): one config per launch, the one needing the least
+    shared memory, so no key is benchmarked; the router backward and gather_core keep their
+    first config."""
+    import svk.kernels.x_at_router as router
+    prune = _common.prune_by_shared_memory(
+        lambda a: a["BLOCK_K"] * a["BLOCK_M"] * a["X"].element_size())
+    x = torch.empty(4, 4, dtype=torch.bfloat16)
+    small, big = _config(16, 64, 3), _config(128, 128, 4)
+    monkeypatch.setattr(_common, "SHARED_MEMORY_LIMIT", None)
+    assert prune([big, small], {"X": x}) == [big, small]
+    monkeypatch.setattr(_common, "AUTOTUNE", False)
+    assert prune([big, small], {"X": x}) == [small]
+    monkeypatch.setattr(_common, "SHARED_MEMORY_LIMIT", 227 * 1024)
+    assert prune([big, small], {"X": x}) == [small]
+    configs = [triton.Config({"BLOCK_R": br}, num_warps=4, num_stages=2) for br in (32, 64)]
+    assert len(router._cap_rank_tile(configs, {"R": 100})) == 1
+    assert _common.first_if_untuned(configs) == configs[:1]

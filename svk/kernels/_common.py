@@ -1,5 +1,6 @@
 """What every launcher shares: interpreter detection, config lists, dtype plumbing."""
 import collections
+import contextlib
 import os
 
 import torch
@@ -16,16 +17,42 @@ from svk.kernels._limits import MAX_EPILOGUE_RANK, rank_pad  # noqa: F401  (re-e
 EPILOGUE_PRECISION = "ieee" if INTERPRET else "tf32x3"
 
 
+# SVK_AUTOTUNE=0 (read at import): every launch runs one config (the smallest the pruning
+# keeps) instead of benchmarking them all. For test runs on a GPU, where tuning each key of
+# each test (hundreds of compiles) would outrun the time limit; never for speed.
+AUTOTUNE = os.environ.get("SVK_AUTOTUNE", "1") != "0"
+
+
+def first_if_untuned(configs_, args=None, **kwargs):
+    """An early_config_prune for kernels with nothing to prune: all configs, or under
+    SVK_AUTOTUNE=0 the first alone."""
+    return configs_ if AUTOTUNE else configs_[:1]
+
+
 def m_bucket(m: int) -> int:
     """Autotune key for the row count: powers of two, so a new batch size rarely retunes."""
     return min(triton.next_power_of_2(max(m, 1)), 1 << 16)
 
 
+_MATMUL = torch.backends.cuda.matmul
+
+
+def _tf32_allowed() -> bool:
+    """Whether PyTorch's own fp32 matmuls may use TF32. torch ≥ 2.9 has the fp32_precision
+    API ("tf32", "ieee", or "none" = inherit); reading the legacy allow_tf32 once the new API
+    has been set raises there (transformers sets it), so the new one is read where it exists."""
+    precision = getattr(_MATMUL, "fp32_precision", None)
+    if precision is not None:
+        return precision == "tf32"
+    return bool(_MATMUL.allow_tf32)
+
+
 def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 operands go through tf32 only when PyTorch's own matmuls are allowed to."""
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not INTERPRET:
-        return "tf32"
-    return "ieee"
+    """fp32 operands go through tf32 only when PyTorch's own matmuls are allowed to. 16-bit
+    activations (the common case) return at once: no flag is read on their launches."""
+    if dtype != torch.float32 or INTERPRET:
+        return "ieee"
+    return "tf32" if _tf32_allowed() else "ieee"
 
 
 def configs(gpu_configs, interpreter_config):
@@ -73,23 +100,48 @@ def prune_by_shared_memory(stage_bytes, extra_bytes=lambda a: 0):
 
     def prune(configs_, args, **kwargs):
         limit = shared_memory_limit(args["X"].device)   # every pruned kernel has activations X
-        if limit is None or len(configs_) == 1:
+        if len(configs_) == 1 or (limit is None and AUTOTUNE):
             return configs_
         need = {c: estimate(c, args, **kwargs) for c in configs_}
-        kept = [c for c in configs_ if need[c] <= limit]
-        return kept or [min(configs_, key=need.get)]
+        kept = configs_ if limit is None else [c for c in configs_ if need[c] <= limit]
+        kept = kept or [min(configs_, key=need.get)]
+        # SVK_AUTOTUNE=0: the config needing the least shared memory, alone (no benchmark).
+        return kept if AUTOTUNE else [min(kept, key=need.get)]
     prune.estimate = estimate        # compile_check compares it with what the compiler used
     return prune
 
 
-def check_device(*tensors):
-    for t in tensors:
-        if t is None:
-            continue
-        if t.device.type != "cuda" and not INTERPRET:
+_NO_GUARD = contextlib.nullcontext()
+
+
+def check_device(x, **others):
+    """The context a launch on x's tensors runs in: every named tensor (None skipped) must be
+    on x's device (ValueError naming it), and a CUDA x on another GPU than the current one
+    switches to it for the launch (Triton launches on the current device and stream; with
+    device_map="auto" a layer's tensors live on any GPU). The switch costs a context only
+    when the device differs, so a single-GPU step pays one device comparison per tensor."""
+    device = x.device
+    for name, t in others.items():
+        if t is not None and t.device != device:
+            raise ValueError(f"{name} is on {t.device} but the activations are on {device}; "
+                             "every tensor of one svk kernel launch must be on the same device")
+    if device.type != "cuda":
+        if not INTERPRET:
             raise RuntimeError(
                 "svk Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 (set before svk is "
-                f"imported) to run on CPU; got a tensor on {t.device}")
+                f"imported) to run on CPU; got a tensor on {device}")
+        return _NO_GUARD
+    if device.index is not None and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device.index)
+    return _NO_GUARD
+
+
+def as_operand(adapter, x):
+    """An adapter factor in the activations' dtype for tl.dot, converted once here rather than
+    tile by tile inside the K loop (there the conversion made every iteration wait for the
+    previous wgmma, TTGIR `pendings = 0`). torch's conversion rounds to nearest-even exactly
+    as the kernel's .to() did, so results are unchanged; a no-op when the dtypes match."""
+    return adapter if adapter.dtype == x.dtype else adapter.to(x.dtype)
 
 
 # Launches per kernel name since import: lets tests prove which backend really ran.

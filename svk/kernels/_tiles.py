@@ -1,4 +1,10 @@
-"""@triton.jit building blocks the kernels share (inlined into each kernel by Triton)."""
+"""@triton.jit building blocks the kernels share (inlined into each kernel by Triton).
+
+Every index that multiplies a stride is int64 (`indices`): (M − 1)·stride reaches 2³¹ at
+M ≈ 195k rows of a 4096→11008 layer, 16.7k rows of a 128k-vocabulary head, or a handful of
+rows of a strided view, and an int32 product would wrap into other memory. compile_check
+fails on any pointer offset computed in 32 bits.
+"""
 import triton
 import triton.language as tl
 
@@ -19,11 +25,18 @@ def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl
 
 
 @triton.jit
+def indices(start, BLOCK: tl.constexpr):
+    """start + [0, BLOCK) as int64, ready to multiply by a stride."""
+    return start.to(tl.int64) + tl.arange(0, BLOCK).to(tl.int64)
+
+
+@triton.jit
 def x_at_tile(X, A, rows, ranks, M, K, R, stride_xm, stride_xk, stride_ar, stride_ak,
               DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
               BLOCK_R: tl.constexpr):
-    """t = x[rows]·a[ranks]ᵀ over the whole K, fp32 (BLOCK_M, BLOCK_R)."""
-    ks = tl.arange(0, BLOCK_K)
+    """t = x[rows]·a[ranks]ᵀ over the whole K, fp32 (BLOCK_M, BLOCK_R); rows and ranks int64.
+    a is normally in x's dtype already (the launchers convert it once, as_operand)."""
+    ks = tl.arange(0, BLOCK_K).to(tl.int64)
     row_ok = rows < M
     rank_ok = ranks < R
     t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
@@ -31,7 +44,8 @@ def x_at_tile(X, A, rows, ranks, M, K, R, stride_xm, stride_xk, stride_ar, strid
         k_ok = (k0 + ks) < K
         x = tl.load(X + rows[:, None] * stride_xm + (k0 + ks)[None, :] * stride_xk,
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        # aᵀ tile (BLOCK_K, BLOCK_R); tl.dot wants one dtype, the activations' one.
+        # aᵀ tile (BLOCK_K, BLOCK_R); tl.dot wants one dtype, the activations' one (a no-op
+        # conversion when the launcher already converted a).
         a_t = tl.load(A + ranks[None, :] * stride_ar + (k0 + ks)[:, None] * stride_ak,
                       mask=k_ok[:, None] & rank_ok[None, :], other=0.0)
         t = tl.dot(x, a_t.to(x.dtype), t, input_precision=DOT_PRECISION)
@@ -45,8 +59,8 @@ def xw_and_xa_tiles(X, W, A, rows, cols, ranks, M, N, K, R,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     BLOCK_R: tl.constexpr):
     """One K loop: acc = x[rows]·W[cols]ᵀ and, when WITH_XA, t = x[rows]·a[ranks]ᵀ from the
-    same x tiles (the one-pass strategy: x is read once). Both fp32."""
-    ks = tl.arange(0, BLOCK_K)
+    same x tiles (the one-pass strategy: x is read once). Both fp32; indices int64."""
+    ks = tl.arange(0, BLOCK_K).to(tl.int64)
     row_ok = rows < M
     col_ok = cols < N
     rank_ok = ranks < R

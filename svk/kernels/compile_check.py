@@ -12,10 +12,14 @@ compile-only warm-up of every autotune config the kernel's pruning keeps. Nothin
 memory, which is fine because only the launches matter.
 
 For each compiled (kernel, specialisation, config) it reports registers, spilled bytes
-(cuobjdump's STACK + LOCAL) and dynamic shared memory against the architecture's limits. Exit status
-1 when any config the autotuner would try fails to compile, or uses more shared memory than
+(cuobjdump's STACK + LOCAL) and dynamic shared memory against the architecture's limits, and
+reads the kernel's TTIR for pointer offsets computed in 32 bits (a `tt.addptr` with an i32
+offset: (M − 1)·stride past 2³¹ would wrap into other memory). Exit status
+1 when any config the autotuner would try fails to compile, computes a 32-bit pointer offset,
+or uses more shared memory than
 the kernel's pruning estimated (the estimate must bound the compiler, or the pruning lets
-impossible configs through). Configs that need more shared memory than the GPU has (the
+impossible configs through). --one-config compiles only the first config each launch would
+try (what the offset check needs; a few seconds per kernel). Configs that need more shared memory than the GPU has (the
 autotuner skips them at run time, after compiling them) and configs that spill registers are
 listed; --strict fails on them too.
 """
@@ -92,6 +96,15 @@ def _resources(kernel):
     return usage.get("REG"), usage.get("STACK", 0) + usage.get("LOCAL", 0)
 
 
+# `%p = tt.addptr %base, %offset : <pointer type>, <offset type> loc(...)`
+_ADDPTR = re.compile(r"tt\.addptr [^:\n]*: [^,\n]*, (tensor<[^>\n]*>|i\d+)")
+
+
+def narrow_offsets(ttir):
+    """The offset types of every tt.addptr in a kernel's TTIR that adds a 32-bit offset."""
+    return [kind for kind in _ADDPTR.findall(ttir) if kind.endswith("i32>") or kind == "i32"]
+
+
 def _specialisation(args):
     """A short, readable key for what Triton specialises on: dtypes and the int arguments."""
     parts = []
@@ -104,8 +117,9 @@ def _specialisation(args):
 
 
 @contextlib.contextmanager
-def compile_only(arch, records):
-    """Every kernel launch inside compiles all its configs for `arch` and appends a record."""
+def compile_only(arch, records, one_config=False):
+    """Every kernel launch inside compiles all its configs for `arch` (or only the first the
+    autotuner would try, one_config) and appends a record."""
     import svk.kernels._common as common
     import svk.kernels.x_at_router as router
     from svk.ops import _dispatch
@@ -125,6 +139,9 @@ def compile_only(arch, records):
             record.update(shared=kernel.metadata.shared, num_warps=kernel.metadata.num_warps,
                           num_stages=kernel.metadata.num_stages)
             record["registers"], record["spilled_bytes"] = _resources(kernel)
+            record["narrow_offsets"] = narrow_offsets(kernel.asm["ttir"])
+            # Float narrowings (fp32 → x's dtype); the K loops should have none (as_operand).
+            record["truncf"] = kernel.asm["ttir"].count("arith.truncf")
         except Exception as error:  # a config that does not compile is the finding
             record["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
         records.append(record)
@@ -135,7 +152,7 @@ def compile_only(arch, records):
         self.nargs = dict(zip(self.arg_names, args))
         kept = self.prune_configs(kwargs)   # what the autotuner would benchmark
         estimate = getattr(self.early_config_prune, "estimate", None)
-        for config in kept:
+        for config in kept[:1] if one_config else kept:
             current["config"] = dict(config.kwargs, num_warps=config.num_warps,
                                      num_stages=config.num_stages)
             current["estimate"] = estimate(config, self.nargs, **kwargs) if estimate else None
@@ -151,7 +168,8 @@ def compile_only(arch, records):
     modules = [m for name, m in sys.modules.items() if name.startswith("svk.kernels.")]
     checks = {m: m.check_device for m in modules if hasattr(m, "check_device")}
     for module in checks:
-        module.check_device = lambda *tensors: None
+        # CPU tensors stand for the GPU's: no device check, no device switch.
+        module.check_device = lambda *tensors, **named: contextlib.nullcontext()
     try:
         yield
     finally:
@@ -178,6 +196,27 @@ def _cases(quick):
                     (torch.bfloat16, False, (33, 96, 80, 150))]
 
 
+def _set_tf32(on):
+    """TF32 for fp32 matmuls through the fp32_precision API where torch has it (mixing it
+    with the legacy allow_tf32 makes reads raise), else allow_tf32."""
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):
+        matmul.fp32_precision = "tf32" if on else "ieee"
+    else:
+        matmul.allow_tf32 = on
+
+
+def _strategy(value):
+    """Forces (or, with None, releases) the Triton strategy; the dispatcher may read its
+    environment once, so it is told to read it again where it can."""
+    from svk.ops import _dispatch
+    if value is None:
+        os.environ.pop("SVK_STRATEGY", None)
+    else:
+        os.environ["SVK_STRATEGY"] = value
+    getattr(_dispatch, "reload_settings", lambda: None)()
+
+
 def _drive(cases):
     """Runs every op, forward and backward, through every strategy for each case."""
     import svk
@@ -185,7 +224,7 @@ def _drive(cases):
 
     g = torch.Generator().manual_seed(0)
     for dtype, tf32, (m, k, n, r) in cases:
-        torch.backends.cuda.matmul.allow_tf32 = tf32
+        _set_tf32(tf32)
         _CASE["label"] = (f"{str(dtype).replace('torch.', '')}{'+tf32' if tf32 else ''} "
                           f"M={m} K={k} N={n} r={r}")
         print("compiling", _CASE["label"], flush=True)
@@ -199,11 +238,13 @@ def _drive(cases):
         for strategy in ("fused", "one_pass", "merged"):
             if strategy == "one_pass" and r > 128:
                 continue
-            os.environ["SVK_STRATEGY"] = strategy
+            if strategy == "merged" and dtype != torch.float32:
+                continue    # the dispatcher refuses merged for 16-bit weights (issue 13.1)
+            _strategy(strategy)
             for c in (core, None):
                 y = svk.sv_linear(x, w, a, s, b, bias=bias, core=c, backend="triton")
                 y.float().sum().backward()
-        os.environ.pop("SVK_STRATEGY")
+        _strategy(None)
         heads = 5
         lambdas = torch.randn(heads, r, generator=g).requires_grad_()
         gate_in = torch.randn(r, generator=g).requires_grad_()
@@ -216,13 +257,18 @@ def _drive(cases):
         if r <= 64:
             cores = torch.randn(3, r, r, generator=g)
             ids = torch.randint(-1, 3, (m,), generator=g)
+            # The gathered r×r step on its own (the bank's backward), both orientations.
+            from svk.kernels.gather_core import gather_core
+            for transpose in (False, True):
+                gather_core(torch.randn(m, r, generator=g), cores, ids, s=s.detach(),
+                            transpose=transpose)
             for strategy in ("one_pass", "fused"):
-                os.environ["SVK_STRATEGY"] = strategy
+                _strategy(strategy)
                 with torch.no_grad():
                     svk.sv_bank_linear(x, w, a, s, b, cores, ids, bias=bias,
                                        backend="triton")
-            os.environ.pop("SVK_STRATEGY")
-    torch.backends.cuda.matmul.allow_tf32 = False
+            _strategy(None)
+    _set_tf32(False)
 
 
 def problems(records, arch):
@@ -231,6 +277,9 @@ def problems(records, arch):
     for rec in records:
         if "error" in rec:
             found.append((rec, ("error", rec["error"])))
+        elif rec.get("narrow_offsets"):
+            found.append((rec, ("offsets", f"{len(rec['narrow_offsets'])} pointer offsets in 32 "
+                                           f"bits ({', '.join(rec['narrow_offsets'][:3])})")))
         elif rec.get("shared_estimate") is not None and rec["shared"] > rec["shared_estimate"]:
             found.append((rec, ("estimate", f"the pruning estimated {rec['shared_estimate']} B "
                                             f"of shared memory, the compiler used "
@@ -255,12 +304,18 @@ def main(argv=None):
     parser.add_argument("--strict", action="store_true",
                         help="shared-memory overflows and register spills fail the check too")
     parser.add_argument("--json", help="write every record to this file")
+    parser.add_argument("--one-config", action="store_true",
+                        help="compile only the first config of each launch (offset check)")
+    parser.add_argument("--case", type=int, action="append",
+                        help="only case number N of the list (0-based, repeatable): splits "
+                             "the full check into runs that each fit a time limit")
     args = parser.parse_args(argv)
-    cases = [c for c in _cases(args.quick)
+    cases = [c for i, c in enumerate(_cases(args.quick))
              if (not args.rank or c[2][3] in args.rank)
-             and (not args.dtype or str(c[0]).replace("torch.", "") in args.dtype)]
+             and (not args.dtype or str(c[0]).replace("torch.", "") in args.dtype)
+             and (not args.case or i in args.case)]
     records = []
-    with compile_only(args.arch, records):
+    with compile_only(args.arch, records, one_config=args.one_config):
         _drive(cases)
     unique = {json.dumps(r, sort_keys=True): r for r in records}
     records = list(unique.values())
@@ -290,7 +345,7 @@ def main(argv=None):
               + (f" (≤ {max(spills)} B)" if spills else "") + f", {len(over)} overflow")
     for rec, why in found:
         print(f"{why[0]:7} {rec['kernel']} {_brief(rec)}: {why[1]}")
-    failed = [why for _, why in found if why[0] in ("error", "estimate") or args.strict]
+    failed = [why for _, why in found if why[0] in ("error", "offsets", "estimate") or args.strict]
     return 1 if failed else 0
 
 

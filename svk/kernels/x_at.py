@@ -8,10 +8,11 @@ import torch
 import triton
 import triton.language as tl
 
+from svk.kernels import _tuning
 from svk.kernels._common import (EPILOGUE_PRECISION, LAUNCHES, MAX_EPILOGUE_RANK,
-                                 adapter_copy_bytes, check_device, configs, dot_precision,
-                                 m_bucket, prune_by_shared_memory, rank_pad)
-from svk.kernels._tiles import x_at_tile
+                                 adapter_copy_bytes, as_operand, check_device, configs,
+                                 dot_precision, m_bucket, prune_by_shared_memory, rank_pad)
+from svk.kernels._tiles import indices, x_at_tile
 
 _EPILOGUE = tl.constexpr(EPILOGUE_PRECISION)
 
@@ -30,22 +31,28 @@ X_AT_STAGE_BYTES = prune_by_shared_memory(
     adapter_copy_bytes)
 
 
-@triton.autotune(configs=_CONFIGS, key=["M_BUCKET", "K", "BLOCK_R"],
+# Every constexpr the launcher sets is part of the key: a config tuned with the core epilogue
+# off (or a transposed a, or TF32) is not the best one with it on.
+@_tuning.register
+@triton.autotune(configs=_CONFIGS,
+                 key=["M_BUCKET", "K", "BLOCK_R", "HAS_S", "HAS_CORE", "WRITE_U",
+                      "A_TRANSPOSED", "DOT_PRECISION"],
                  prune_configs_by={"early_config_prune": X_AT_STAGE_BYTES})
 @triton.jit
 def _x_at_kernel(
     X, A, S, CORE, T, U,
     M, K, R, M_BUCKET,
-    stride_xm, stride_xk, stride_ar, stride_ak, stride_cr, stride_cc,
+    stride_xm, stride_xk, stride_ar, stride_ak, stride_s, stride_cr, stride_cc,
     stride_tm, stride_tr, stride_um, stride_ur,
     HAS_S: tl.constexpr, HAS_CORE: tl.constexpr, WRITE_U: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    A_TRANSPOSED: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
+    # A_TRANSPOSED only keys the autotuner (the strides already say how a is laid out).
     pid_m = tl.program_id(0)
     pid_r = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    ranks = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    rows = indices(pid_m * BLOCK_M, BLOCK_M)
+    ranks = indices(pid_r * BLOCK_R, BLOCK_R)
     row_ok = rows < M
     rank_ok = ranks < R
     acc = x_at_tile(X, A, rows, ranks, M, K, R, stride_xm, stride_xk, stride_ar, stride_ak,
@@ -56,7 +63,8 @@ def _x_at_kernel(
     if WRITE_U:
         u = acc
         if HAS_S:
-            u = u * tl.load(S + ranks, mask=rank_ok, other=0.0).to(tl.float32)[None, :]
+            u = u * tl.load(S + ranks * stride_s, mask=rank_ok,
+                            other=0.0).to(tl.float32)[None, :]
         if HAS_CORE:
             # u·coreᵀ needs the whole rank in this program: the launcher sets BLOCK_R ≥ R.
             core_t = tl.load(CORE + ranks[None, :] * stride_cr + ranks[:, None] * stride_cc,
@@ -69,11 +77,13 @@ def x_at(x, a, s=None, core=None, *, a_transposed=False):
     """t = x·aᵀ (fp32, (M, R)) and, when s or core is given, u = (t ⊙ s)·coreᵀ (fp32).
 
     x: (M, K) activations (fp32/fp16/bf16). a: (R, K), or (K, R) when a_transposed (the
-    backward passes b_eff this way). s: (R,) or None. core: (R, R) or None.
+    backward passes b_eff this way), any float dtype (converted to x's once). s: (R,) or
+    None, any stride (a slice or an expanded scalar). core: (R, R) or None.
     Returns (t, u); u is None when neither s nor core is given.
     """
-    check_device(x, a, s, core)
+    guard = check_device(x, a=a, s=s, core=core)
     assert x.dim() == 2, "x must be 2-D (M, K)"
+    a = as_operand(a, x)    # before reading its strides: the copy may lay a out anew
     M, K = x.shape
     if a_transposed:
         R = a.shape[1]
@@ -94,13 +104,15 @@ def x_at(x, a, s=None, core=None, *, a_transposed=False):
     dummy = t
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, meta["BLOCK_R"]))
     LAUNCHES["x_at"] += 1
-    _x_at_kernel[grid](
-        x, a, s if s is not None else dummy, core if core is not None else dummy, t, u,
-        M, K, R, m_bucket(M),
-        x.stride(0), x.stride(1), stride_ar, stride_ak,
-        core.stride(0) if core is not None else 0, core.stride(1) if core is not None else 0,
-        t.stride(0), t.stride(1), u.stride(0), u.stride(1),
-        HAS_S=s is not None, HAS_CORE=core is not None, WRITE_U=write_u,
-        DOT_PRECISION=dot_precision(x.dtype), BLOCK_R=block_r,
-    )
+    with guard:
+        _x_at_kernel[grid](
+            x, a, s if s is not None else dummy, core if core is not None else dummy, t, u,
+            M, K, R, m_bucket(M),
+            x.stride(0), x.stride(1), stride_ar, stride_ak,
+            s.stride(0) if s is not None else 0,
+            core.stride(0) if core is not None else 0, core.stride(1) if core is not None else 0,
+            t.stride(0), t.stride(1), u.stride(0), u.stride(1),
+            HAS_S=s is not None, HAS_CORE=core is not None, WRITE_U=write_u,
+            A_TRANSPOSED=a_transposed, DOT_PRECISION=dot_precision(x.dtype), BLOCK_R=block_r,
+        )
     return t, (u if write_u else None)

@@ -45,10 +45,11 @@ import torch
 import triton
 import triton.language as tl
 
+from svk.kernels import _tuning
 from svk.kernels._common import (EPILOGUE_PRECISION, INTERPRET, LAUNCHES, adapter_copy_bytes,
-                                 check_device, configs, dot_precision, m_bucket,
-                                 prune_by_shared_memory)
-from svk.kernels._tiles import x_at_tile
+                                 as_operand, check_device, configs, dot_precision,
+                                 first_if_untuned, m_bucket, prune_by_shared_memory)
+from svk.kernels._tiles import indices, x_at_tile
 from svk.kernels.x_at import x_at
 
 _EPILOGUE = tl.constexpr(EPILOGUE_PRECISION)
@@ -78,7 +79,7 @@ _FITS_SHARED_MEMORY = prune_by_shared_memory(
                + 4 * a["BLOCK_R"] * (2 * a["BLOCK_M"] + a["BLOCK_H"])))
 
 
-def _cap_rank_tile(configs_, args, **kwargs):
+def _capped(configs_, args):
     """Rank tiles no wider than the rank (a 128-wide tile for r = 16 is 8× wasted work, and
     wide tiles are the ones that spill), duplicates removed."""
     widest = max(16, triton.next_power_of_2(args["R"]))
@@ -90,29 +91,36 @@ def _cap_rank_tile(configs_, args, **kwargs):
     return list(capped.values())
 
 
+def _cap_rank_tile(configs_, args, **kwargs):
+    """The backward's pruning: the rank tile capped (SVK_AUTOTUNE=0: the first config)."""
+    return first_if_untuned(_capped(configs_, args))
+
+
 def _prune(configs_, args, **kwargs):
     """The rank tile capped at the rank, then what cannot fit in shared memory dropped."""
-    return _FITS_SHARED_MEMORY(_cap_rank_tile(configs_, args), args, **kwargs)
+    return _FITS_SHARED_MEMORY(_capped(configs_, args), args, **kwargs)
 
 
 _prune.estimate = _FITS_SHARED_MEMORY.estimate
 
 
-@triton.autotune(configs=_CONFIGS, key=["M_BUCKET", "K", "R", "BLOCK_H", "T_GIVEN"],
+@_tuning.register
+@triton.autotune(configs=_CONFIGS,
+                 key=["M_BUCKET", "K", "R", "BLOCK_H", "T_GIVEN", "DOT_PRECISION"],
                  prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _x_at_router_kernel(
     X, A, GATE_IN, GATE_OUT, LAMBDAS, T, G, U,
     M, K, R, H, M_BUCKET,
-    stride_xm, stride_xk, stride_ar, stride_ak, stride_lh, stride_lr,
+    stride_xm, stride_xk, stride_ar, stride_ak, stride_gi, stride_go, stride_lh, stride_lr,
     stride_tm, stride_tr, stride_gm, stride_gh, stride_um, stride_ur,
     T_GIVEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rs = tl.arange(0, BLOCK_R)
-    heads = tl.arange(0, BLOCK_H)
+    rows = indices(pid_m * BLOCK_M, BLOCK_M)
+    rs = tl.arange(0, BLOCK_R).to(tl.int64)
+    heads = tl.arange(0, BLOCK_H).to(tl.int64)
     row_ok = rows < M
     head_ok = heads < H
 
@@ -128,12 +136,13 @@ def _x_at_router_kernel(
             t = x_at_tile(X, A, rows, r0 + rs, M, K, R, stride_xm, stride_xk, stride_ar,
                           stride_ak, DOT_PRECISION, BLOCK_M, BLOCK_K, BLOCK_R)
             tl.store(t_ptrs, t, mask=t_mask)
-        gate_in = tl.load(GATE_IN + r0 + rs, mask=rank_ok, other=0.0).to(tl.float32)
+        gate_in = tl.load(GATE_IN + (r0 + rs) * stride_gi, mask=rank_ok,
+                          other=0.0).to(tl.float32)
         c += tl.sum(t * gate_in[None, :], axis=1)
 
     # 2. Mo-SARA Eq. 6: logits = c ⊗ gate_out, softmax over the m heads. Padded heads get
     # -inf so they take no probability mass; subtracting the row maximum keeps exp finite.
-    gate_out = tl.load(GATE_OUT + heads, mask=head_ok, other=0.0).to(tl.float32)
+    gate_out = tl.load(GATE_OUT + heads * stride_go, mask=head_ok, other=0.0).to(tl.float32)
     logits = c[:, None] * gate_out[None, :]
     logits = tl.where(head_ok[None, :], logits, float("-inf"))
     e = tl.exp(logits - tl.max(logits, axis=1)[:, None])
@@ -179,17 +188,16 @@ def x_at_router(x, a, gate_in, gate_out, lambdas, *, fuse_t=None):
     fuse_t: compute t inside this kernel (True) or with the x_at kernel first (False);
     None picks by the number of row tiles (see the module docstring).
     """
-    check_device(x, a, gate_in, gate_out, lambdas)
+    guard = check_device(x, a=a, gate_in=gate_in, gate_out=gate_out, lambdas=lambdas)
     assert x.dim() == 2 and a.dim() == 2 and lambdas.dim() == 2, "x, a, lambdas must be 2-D"
     M, K = x.shape
     R, H = a.shape[0], lambdas.shape[0]
     assert a.shape[1] == K and tuple(lambdas.shape) == (H, R)
     assert gate_in.shape == (R,) and gate_out.shape == (H,)
-    # Vectors are indexed without strides; they are tiny, so copying a strided view costs nothing.
-    gate_in, gate_out = gate_in.contiguous(), gate_out.contiguous()
     if fuse_t is None:
         fuse_t = _fuse_t_by_default(x)
     if fuse_t:
+        a = as_operand(a, x)    # the tl.dot operand in x's dtype once, not per K tile
         t = torch.empty((M, R), device=x.device, dtype=torch.float32)
     else:
         t, _ = x_at(x, a)
@@ -201,13 +209,15 @@ def x_at_router(x, a, gate_in, gate_out, lambdas, *, fuse_t=None):
     block_h = max(16, triton.next_power_of_2(H))
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)
     LAUNCHES["x_at_router"] += 1
-    _x_at_router_kernel[grid](
-        x, a, gate_in, gate_out, lambdas, t, g, u,
-        M, K, R, H, m_bucket(M),
-        x.stride(0), x.stride(1), a.stride(0), a.stride(1), lambdas.stride(0), lambdas.stride(1),
-        t.stride(0), t.stride(1), g.stride(0), g.stride(1), u.stride(0), u.stride(1),
-        T_GIVEN=not fuse_t, DOT_PRECISION=dot_precision(x.dtype), BLOCK_H=block_h,
-    )
+    with guard:
+        _x_at_router_kernel[grid](
+            x, a, gate_in, gate_out, lambdas, t, g, u,
+            M, K, R, H, m_bucket(M),
+            x.stride(0), x.stride(1), a.stride(0), a.stride(1), gate_in.stride(0),
+            gate_out.stride(0), lambdas.stride(0), lambdas.stride(1),
+            t.stride(0), t.stride(1), g.stride(0), g.stride(1), u.stride(0), u.stride(1),
+            T_GIVEN=not fuse_t, DOT_PRECISION=dot_precision(x.dtype), BLOCK_H=block_h,
+        )
     return t, g, u
 
 
@@ -221,21 +231,24 @@ _BWD_CONFIGS = configs(
 )
 
 
-@triton.autotune(configs=_BWD_CONFIGS, key=["M_BUCKET", "R", "BLOCK_H", "NEED_DT", "WRITE_U"],
+@_tuning.register
+@triton.autotune(configs=_BWD_CONFIGS,
+                 key=["M_BUCKET", "R", "BLOCK_H", "NEED_DT", "WRITE_U", "BLOCK_M"],
                  prune_configs_by={"early_config_prune": _cap_rank_tile})
 @triton.jit
 def _x_at_router_bwd_kernel(
     DU, T, G, GATE_IN, GATE_OUT, LAMBDAS, DT, U, DLAMBDAS, DGATE_IN, DGATE_OUT,
     M, R, H, M_BUCKET,
-    stride_dum, stride_dur, stride_tm, stride_tr, stride_gm, stride_gh, stride_lh, stride_lr,
-    stride_dtm, stride_dtr, stride_um, stride_ur,
+    stride_dum, stride_dur, stride_tm, stride_tr, stride_gm, stride_gh, stride_gi, stride_go,
+    stride_lh, stride_lr, stride_dtm, stride_dtr, stride_um, stride_ur,
     NEED_DT: tl.constexpr, WRITE_U: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rs = tl.arange(0, BLOCK_R)
-    heads = tl.arange(0, BLOCK_H)
+    block = pid_m.to(tl.int64)     # the partial-sum buffers are indexed per block
+    rows = indices(pid_m * BLOCK_M, BLOCK_M)
+    rs = tl.arange(0, BLOCK_R).to(tl.int64)
+    heads = tl.arange(0, BLOCK_H).to(tl.int64)
     row_ok = rows < M
     head_ok = heads < H
     # Rows past M and padded heads load as zeros, so they add nothing to any reduction.
@@ -255,12 +268,13 @@ def _x_at_router_bwd_kernel(
                      mask=mask, other=0.0)
         lam = tl.load(LAMBDAS + heads[:, None] * stride_lh + (r0 + rs)[None, :] * stride_lr,
                       mask=head_ok[:, None] & rank_ok[None, :], other=0.0).to(tl.float32)
-        gate_in = tl.load(GATE_IN + r0 + rs, mask=rank_ok, other=0.0).to(tl.float32)
+        gate_in = tl.load(GATE_IN + (r0 + rs) * stride_gi, mask=rank_ok,
+                          other=0.0).to(tl.float32)
         c += tl.sum(t * gate_in[None, :], axis=1)
         ds_eff = du * t
         dg = tl.dot(ds_eff, tl.trans(lam), dg, input_precision="ieee")
         dlam = tl.dot(tl.trans(g), ds_eff, input_precision="ieee")
-        tl.store(DLAMBDAS + pid_m * H * R + heads[:, None] * R + (r0 + rs)[None, :], dlam,
+        tl.store(DLAMBDAS + block * H * R + heads[:, None] * R + (r0 + rs)[None, :], dlam,
                  mask=head_ok[:, None] & rank_ok[None, :])
         if WRITE_U:
             s_eff = tl.dot(g, lam, input_precision="ieee")
@@ -269,8 +283,8 @@ def _x_at_router_bwd_kernel(
 
     # 2. Softmax Jacobian row by row, then back through logits = c ⊗ gate_out.
     dz = g * (dg - tl.sum(g * dg, axis=1)[:, None])
-    gate_out = tl.load(GATE_OUT + heads, mask=head_ok, other=0.0).to(tl.float32)
-    tl.store(DGATE_OUT + pid_m * H + heads, tl.sum(dz * c[:, None], axis=0), mask=head_ok)
+    gate_out = tl.load(GATE_OUT + heads * stride_go, mask=head_ok, other=0.0).to(tl.float32)
+    tl.store(DGATE_OUT + block * H + heads, tl.sum(dz * c[:, None], axis=0), mask=head_ok)
     dc = tl.sum(dz * gate_out[None, :], axis=1)
 
     # 3. dt = du ⊙ s_eff + dc ⊗ gate_in, and this block's share of dgate_in = tᵀ·dc.
@@ -279,8 +293,9 @@ def _x_at_router_bwd_kernel(
         mask = row_ok[:, None] & rank_ok[None, :]
         t = tl.load(T + rows[:, None] * stride_tm + (r0 + rs)[None, :] * stride_tr,
                     mask=mask, other=0.0)
-        gate_in = tl.load(GATE_IN + r0 + rs, mask=rank_ok, other=0.0).to(tl.float32)
-        tl.store(DGATE_IN + pid_m * R + r0 + rs, tl.sum(t * dc[:, None], axis=0), mask=rank_ok)
+        gate_in = tl.load(GATE_IN + (r0 + rs) * stride_gi, mask=rank_ok,
+                          other=0.0).to(tl.float32)
+        tl.store(DGATE_IN + block * R + (r0 + rs), tl.sum(t * dc[:, None], axis=0), mask=rank_ok)
         if NEED_DT:
             du = tl.load(DU + rows[:, None] * stride_dum + (r0 + rs)[None, :] * stride_dur,
                          mask=mask, other=0.0)
@@ -305,10 +320,9 @@ def x_at_router_backward(du, t, g, gate_in, gate_out, lambdas, *, need_dt=True,
     once — against a dozen (M, R) passes for the same formulas as separate PyTorch ops. The
     reductions over M are per-block partial sums (deterministic, no atomics), added up here.
     """
-    check_device(du, t, g, gate_in, gate_out, lambdas)
+    guard = check_device(du, t=t, g=g, gate_in=gate_in, gate_out=gate_out, lambdas=lambdas)
     M, R = t.shape
     H = g.shape[1]
-    gate_in, gate_out = gate_in.contiguous(), gate_out.contiguous()
     # Fixed rows per program, so the partial-sum buffers can be sized before the launch.
     # 32 rows give an H100 over a hundred programs from M ≈ 4k (this kernel is memory-bound).
     block_m = 16 if INTERPRET else 32
@@ -320,14 +334,15 @@ def x_at_router_backward(du, t, g, gate_in, gate_out, lambdas, *, need_dt=True,
     dt = torch.empty_like(t) if need_dt else None
     u = torch.empty((M, R), device=t.device, dtype=u_dtype) if u_dtype is not None else None
     LAUNCHES["x_at_router_bwd"] += 1
-    _x_at_router_bwd_kernel[(n_blocks,)](
-        du, t, g, gate_in, gate_out, lambdas, dt if need_dt else t, u if u is not None else t,
-        dlambdas, dgate_in, dgate_out,
-        M, R, H, m_bucket(M),
-        du.stride(0), du.stride(1), t.stride(0), t.stride(1), g.stride(0), g.stride(1),
-        lambdas.stride(0), lambdas.stride(1),
-        dt.stride(0) if need_dt else 0, dt.stride(1) if need_dt else 0,
-        u.stride(0) if u is not None else 0, u.stride(1) if u is not None else 0,
-        NEED_DT=need_dt, WRITE_U=u is not None, BLOCK_M=block_m, BLOCK_H=block_h,
-    )
+    with guard:
+        _x_at_router_bwd_kernel[(n_blocks,)](
+            du, t, g, gate_in, gate_out, lambdas, dt if need_dt else t,
+            u if u is not None else t, dlambdas, dgate_in, dgate_out,
+            M, R, H, m_bucket(M),
+            du.stride(0), du.stride(1), t.stride(0), t.stride(1), g.stride(0), g.stride(1),
+            gate_in.stride(0), gate_out.stride(0), lambdas.stride(0), lambdas.stride(1),
+            dt.stride(0) if need_dt else 0, dt.stride(1) if need_dt else 0,
+            u.stride(0) if u is not None else 0, u.stride(1) if u is not None else 0,
+            NEED_DT=need_dt, WRITE_U=u is not None, BLOCK_M=block_m, BLOCK_H=block_h,
+        )
     return dt, u, dlambdas.sum(0), dgate_in.sum(0), dgate_out.sum(0)

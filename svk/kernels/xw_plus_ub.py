@@ -15,10 +15,11 @@ import torch
 import triton
 import triton.language as tl
 
+from svk.kernels import _tuning
 from svk.kernels._common import (EPILOGUE_PRECISION, LAUNCHES, MAX_EPILOGUE_RANK,
-                                 adapter_copy_bytes, check_device, configs, dot_precision,
-                                 m_bucket, prune_by_shared_memory, rank_pad)
-from svk.kernels._tiles import grouped_tile, xw_and_xa_tiles
+                                 adapter_copy_bytes, as_operand, check_device, configs,
+                                 dot_precision, m_bucket, prune_by_shared_memory, rank_pad)
+from svk.kernels._tiles import grouped_tile, indices, xw_and_xa_tiles
 
 _EPILOGUE = tl.constexpr(EPILOGUE_PRECISION)
 
@@ -66,24 +67,32 @@ def _prune(configs_, args, **kwargs):
 _prune.estimate = XW_XA_STAGE_BYTES.estimate
 
 
-@triton.autotune(configs=_CONFIGS, key=["M_BUCKET", "N", "K", "R", "ONE_PASS"],
+# Every constexpr the launcher sets is part of the key (the transposed operands of the
+# backward's dx = dy·W + dt·a read W and a along other strides: another best config).
+@_tuning.register
+@triton.autotune(configs=_CONFIGS,
+                 key=["M_BUCKET", "N", "K", "R", "ONE_PASS", "HAS_BIAS", "HAS_LOWRANK", "HAS_S",
+                      "HAS_CORE", "STORE_T", "W_TRANSPOSED", "V_TRANSPOSED", "DOT_PRECISION",
+                      "BLOCK_R"],
                  prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _xw_plus_ub_kernel(
     X, W, U, V, BIAS, A, S, CORE, T, Y,
     M, N, K, R, M_BUCKET,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_um, stride_ur, stride_vn, stride_vr,
-    stride_ar, stride_ak, stride_cr, stride_cc, stride_tm, stride_tr, stride_ym, stride_yn,
+    stride_bias, stride_ar, stride_ak, stride_s, stride_cr, stride_cc, stride_tm, stride_tr,
+    stride_ym, stride_yn,
     HAS_BIAS: tl.constexpr, HAS_LOWRANK: tl.constexpr, ONE_PASS: tl.constexpr,
     HAS_S: tl.constexpr, HAS_CORE: tl.constexpr, STORE_T: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    W_TRANSPOSED: tl.constexpr, V_TRANSPOSED: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
+    # W_TRANSPOSED and V_TRANSPOSED only key the autotuner; the strides carry the layout.
     pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rs = tl.arange(0, BLOCK_R)
+    rows = indices(pid_m * BLOCK_M, BLOCK_M)
+    cols = indices(pid_n * BLOCK_N, BLOCK_N)
+    rs = tl.arange(0, BLOCK_R).to(tl.int64)
     row_ok = rows < M
     col_ok = cols < N
     acc, t = xw_and_xa_tiles(X, W, A, rows, cols, rs, M, N, K, R, stride_xm, stride_xk,
@@ -99,7 +108,8 @@ def _xw_plus_ub_kernel(
                              mask=row_ok[:, None] & rank_ok[None, :])
             u = t
             if HAS_S:
-                u = u * tl.load(S + rs, mask=rank_ok, other=0.0).to(tl.float32)[None, :]
+                u = u * tl.load(S + rs * stride_s, mask=rank_ok,
+                                other=0.0).to(tl.float32)[None, :]
             if HAS_CORE:
                 core_t = tl.load(CORE + rs[None, :] * stride_cr + rs[:, None] * stride_cc,
                                  mask=rank_ok[:, None] & rank_ok[None, :], other=0.0)
@@ -120,14 +130,20 @@ def _xw_plus_ub_kernel(
                              input_precision=DOT_PRECISION)
 
     if HAS_BIAS:
-        acc += tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(BIAS + cols * stride_bias, mask=col_ok,
+                       other=0.0).to(tl.float32)[None, :]
     tl.store(Y + rows[:, None] * stride_ym + cols[None, :] * stride_yn,
              acc.to(Y.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
 def _launch(x, w, w_transposed, v, v_transposed, bias, *, u=None, a=None, s=None, core=None,
             store_t=False):
-    check_device(x, w, v, bias, u, a, s, core)
+    guard = check_device(x, w=w, v=v, bias=bias, u=u, a=a, s=s, core=core)
+    # The GEMM's adapter operands in x's dtype once, before their strides are read.
+    if v is not None:
+        v = as_operand(v, x)
+    if a is not None:
+        a = as_operand(a, x)
     M, K = x.shape
     N = w.shape[1] if w_transposed else w.shape[0]
     swn, swk = (w.stride(1), w.stride(0)) if w_transposed else (w.stride(0), w.stride(1))
@@ -147,20 +163,25 @@ def _launch(x, w, w_transposed, v, v_transposed, bias, *, u=None, a=None, s=None
     dummy = y
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
     LAUNCHES["xw_plus_xasb" if one_pass else "xw_plus_ub"] += 1
-    _xw_plus_ub_kernel[grid](
-        x, w, u if u is not None else dummy, v if v is not None else dummy,
-        bias if bias is not None else dummy, a if a is not None else dummy,
-        s if s is not None else dummy, core if core is not None else dummy, t, y,
-        M, N, K, R, m_bucket(M),
-        x.stride(0), x.stride(1), swn, swk,
-        u.stride(0) if u is not None else 0, u.stride(1) if u is not None else 0, svn, svr,
-        a.stride(0) if a is not None else 0, a.stride(1) if a is not None else 0,
-        core.stride(0) if core is not None else 0, core.stride(1) if core is not None else 0,
-        t.stride(0) if store_t else 0, t.stride(1) if store_t else 0, y.stride(0), y.stride(1),
-        HAS_BIAS=bias is not None, HAS_LOWRANK=has_lowrank, ONE_PASS=one_pass,
-        HAS_S=s is not None, HAS_CORE=core is not None, STORE_T=store_t,
-        DOT_PRECISION=dot_precision(x.dtype), BLOCK_R=block_r,
-    )
+    with guard:
+        _xw_plus_ub_kernel[grid](
+            x, w, u if u is not None else dummy, v if v is not None else dummy,
+            bias if bias is not None else dummy, a if a is not None else dummy,
+            s if s is not None else dummy, core if core is not None else dummy, t, y,
+            M, N, K, R, m_bucket(M),
+            x.stride(0), x.stride(1), swn, swk,
+            u.stride(0) if u is not None else 0, u.stride(1) if u is not None else 0, svn, svr,
+            bias.stride(0) if bias is not None else 0,
+            a.stride(0) if a is not None else 0, a.stride(1) if a is not None else 0,
+            s.stride(0) if s is not None else 0,
+            core.stride(0) if core is not None else 0, core.stride(1) if core is not None else 0,
+            t.stride(0) if store_t else 0, t.stride(1) if store_t else 0,
+            y.stride(0), y.stride(1),
+            HAS_BIAS=bias is not None, HAS_LOWRANK=has_lowrank, ONE_PASS=one_pass,
+            HAS_S=s is not None, HAS_CORE=core is not None, STORE_T=store_t,
+            W_TRANSPOSED=w_transposed, V_TRANSPOSED=v_transposed,
+            DOT_PRECISION=dot_precision(x.dtype), BLOCK_R=block_r,
+        )
     return y, (t if store_t else None)
 
 
