@@ -372,3 +372,26 @@ def test_warmup_bad_arguments():
         svk.warmup(3)
     with pytest.raises(ValueError, match="batch_sizes"):
         svk.warmup(lambda b, s: None, batch_sizes=[0])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
+def test_gpu_warmup_then_cuda_graph_capture(tmp_path, clean_tuning):
+    """Warmed up at the shape, a decode step captures in a CUDA graph (no tuning inside it)
+    and replays right; the tuned configs go to a file that pins them."""
+    model = _Adapted(k=96, n=80, r=8).cuda()
+    svk.warmup(model, batch_sizes=[3], seq_lens=[None], save=tmp_path / "tuning.json")
+    assert json.loads((tmp_path / "tuning.json").read_text())["entries"] or not _common.AUTOTUNE
+    x = torch.randn(3, 96, device="cuda")
+    with torch.no_grad():
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            model(x)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = model(x)
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        torch.testing.assert_close(y, model(x))
