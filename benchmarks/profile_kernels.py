@@ -21,6 +21,16 @@ import torch
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 
+def _force_strategy(strategy):
+    """SVK_STRATEGY set (or cleared) and read again: svk reads its settings once."""
+    from svk.ops import _dispatch
+    if strategy is None:
+        os.environ.pop("SVK_STRATEGY", None)
+    else:
+        os.environ["SVK_STRATEGY"] = strategy
+    getattr(_dispatch, "reload_settings", lambda: None)()
+
+
 def _cases():
     import svk
     dev, bf16 = "cuda", torch.bfloat16
@@ -36,10 +46,10 @@ def _cases():
         x, dy = rand(m, h, dtype=bf16, grad=True), rand(m, h, dtype=bf16)
 
         def run():
-            os.environ["SVK_STRATEGY"] = strategy
+            _force_strategy(strategy)
             y = svk.sv_linear(x, w, a, s, b, core=core)
             torch.autograd.grad(y, (x, core), dy)
-            os.environ.pop("SVK_STRATEGY")
+            _force_strategy(None)
         return run
     ak, bk = rand(k, h) * h ** -0.5, rand(h, k) * k ** -0.5
     lambdas, gate_in, gate_out = rand(5, k, grad=True), rand(k, grad=True), rand(5, grad=True)
