@@ -139,14 +139,17 @@ def test_compiled_decode_step_matches_eager_without_recompiling(setup):
 @pytest.mark.gpu
 @torch.no_grad()
 def test_gpu_cuda_graph_whole_model_decode_step(setup):
-    """The recipe of the serving model: warm up once per batch size (autotuning and lazy
-    initialisation happen outside capture), capture one decode step per batch size inside
-    activate, then serve new ids by rewriting the buffer in place (activate) and replaying."""
+    """The recipe of the serving model: warm up once per batch size (bank.warmup: svk.warmup
+    inside an activation of that size, so autotuning happens outside capture; then one eager
+    call on a side stream, as torch.cuda.graph wants), capture one decode step per batch size
+    inside activate, then serve new ids by rewriting the buffer in place (activate) and
+    replaying."""
     base, adapters, _ = setup
     model = copy.deepcopy(base).cuda()
     bank = AdapterBank(model, CFG, capacity=4)
     for k, adapter in enumerate(adapters):
         bank.add(f"user{k}", adapter)
+    bank.warmup(batch_sizes=[1, 4], seq_lens=[1])     # every kernel tunes before capture
     graphs = {}
     for batch in (1, 4):
         tokens = tokens_for(batch, seed=batch).cuda()
@@ -170,6 +173,28 @@ def test_gpu_cuda_graph_whole_model_decode_step(setup):
         torch.testing.assert_close(logits, expected, **TOL)
         with bank.activate([-1] * batch):
             assert (model(tokens, use_cache=False).logits - expected).abs().max() > 1e-3
+
+
+@torch.no_grad()
+def test_warmup_runs_every_batch_size_inside_an_activation(setup, monkeypatch):
+    import svk.warmup
+    model, bank = make_bank(setup)
+    seen = []
+    real = svk.warmup.warmup
+
+    def spy(module, batch_sizes, seq_lens, **kwargs):
+        seen.append((batch_sizes, list(bank.ids_buffer[:batch_sizes[0]].tolist())))
+        return real(module, batch_sizes=batch_sizes, seq_lens=seq_lens, **kwargs)
+
+    monkeypatch.setattr(svk.warmup, "warmup", spy)
+    bank.warmup(batch_sizes=[1, 4], seq_lens=[1, 3])
+    assert seen == [([1], [0]), ([4], [0, 1, 2, 0])]     # the resident adapters in turn
+    with pytest.raises(RuntimeError, match="outside `with bank.activate"):
+        model(tokens_for(1))                              # and the bank is inactive after
+    empty = AdapterBank(copy.deepcopy(setup[0]), CFG, capacity=1)
+    empty.warmup(batch_sizes=[2])                         # base rows when nothing is resident
+    with pytest.raises(ValueError, match="batch_sizes must hold positive ints"):
+        bank.warmup(batch_sizes=[0])
 
 
 # ---- threads ------------------------------------------------------------------------------

@@ -581,6 +581,21 @@ class AdapterBank:
             self._unload(previous)
             self._serve_lock.release()
 
+    def warmup(self, batch_sizes=(1,), seq_lens=(1,), **kwargs):
+        """svk.warmup of the bank's model at every batch size, each inside an activation of
+        that many ids (the resident adapters in turn; -1 rows when the bank is empty), so every
+        kernel a decode step launches has tuned before a CUDA graph is captured. kwargs go to
+        svk.warmup (make_inputs, backward, save). Returns svk.warmup's tuned configs."""
+        from svk.warmup import warmup
+        slots = list(self._slots.values()) or [-1]
+        configs = {}
+        for batch in batch_sizes:
+            if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+                raise ValueError(f"batch_sizes must hold positive ints, got {batch!r}")
+            with self.activate([slots[i % len(slots)] for i in range(batch)]):
+                configs = warmup(self.model, batch_sizes=[batch], seq_lens=seq_lens, **kwargs)
+        return configs
+
     def __repr__(self) -> str:
         return (f"AdapterBank({len(self)}/{self.capacity} adapters, {len(self.layers)} layers, "
                 f"rank {self.rank}, {self.nbytes / 2**20:.1f} MiB of cores)")
