@@ -62,5 +62,5 @@ def sketch(weight: Tensor, removed: tuple[Tensor, Tensor] | None = None) -> tupl
         if removed is not None:
             block = block + removed_b[start:start + rows] @ removed_a
         result += p[start:start + rows].t() @ (block @ q)
-        squares += (block * block).sum()
+        squares += torch.linalg.vector_norm(block).square()   # no (rows, in) temporary
     return result.cpu(), math.sqrt(float(squares))
