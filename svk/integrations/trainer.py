@@ -34,7 +34,7 @@ ADAPTER_FILENAME = "svk_adapter.safetensors"
 
 class AdapterCheckpointCallback(TrainerCallback):
     """Writes ``svk.save_adapter(model, <checkpoint>/<filename>)`` on every Trainer save, from
-    the main process only. Raises (stopping training) if the checkpoint directory Trainer
+    the main process (under FSDP2 every rank takes part, as save_adapter requires). Raises (stopping training) if the checkpoint directory Trainer
     should have written is missing or the save fails: a checkpoint without its adapter is not
     silently skipped.
 
@@ -52,12 +52,15 @@ class AdapterCheckpointCallback(TrainerCallback):
         return os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
 
     def on_save(self, args, state, control, model=None, **kwargs):
-        if not state.is_world_process_zero:
-            return control
         if model is None:
             raise ValueError("AdapterCheckpointCallback.on_save: Trainer passed no model")
+        # Under FSDP2 (DTensor parameters) save_adapter is collective: every rank calls it and
+        # rank 0 writes. Otherwise (one process, DDP) only the main process writes.
+        sharded = any(type(p).__name__ == "DTensor" for p in model.parameters())
+        if not sharded and not state.is_world_process_zero:
+            return control
         directory = self.checkpoint_dir(args, state)
-        if not os.path.isdir(directory):
+        if state.is_world_process_zero and not os.path.isdir(directory):
             raise FileNotFoundError(f"AdapterCheckpointCallback: the checkpoint directory "
                                     f"{directory!r} does not exist; the adapter was not saved")
         save_adapter(model, os.path.join(directory, self.filename),
