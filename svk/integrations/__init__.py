@@ -10,8 +10,8 @@ from svk.integrations.surgery import disable_adapter, unload
 
 __all__ = ["AdapterConfig", "inject", "merge", "unmerge", "save_adapter", "load_adapter",
            "read_adapter", "regularization_loss", "trainable_parameters", "adapted_layers",
-           "InjectionSummary", "print_trainable_parameters", "unload", "disable_adapter",
-           "AdapterCheckpointCallback"]
+           "InjectionSummary", "print_trainable_parameters", "unload", "disable_adapter"]
+# AdapterCheckpointCallback is left out of __all__: a star import must not need transformers.
 
 
 def __getattr__(name):
