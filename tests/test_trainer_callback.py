@@ -95,8 +95,8 @@ def test_plain_from_pretrained_of_an_unmerged_model_file_fails_loudly(build, cfg
 
 
 @pytest.mark.parametrize("build, cfg", [
-    (_llama, PISSA), (_gpt2, AdapterConfig(method="lora", rank=2, target_modules=["c_attn",
-                                                                                   "attn.c_proj"]))])
+    (_llama, PISSA),
+    (_gpt2, AdapterConfig(method="lora", rank=2, target_modules=["c_attn", "attn.c_proj"]))])
 def test_plain_from_pretrained_of_a_merged_model_file_is_the_fine_tuned_model(build, cfg,
                                                                               tmp_path):
     model = build().eval()

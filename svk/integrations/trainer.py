@@ -34,9 +34,9 @@ ADAPTER_FILENAME = "svk_adapter.safetensors"
 
 class AdapterCheckpointCallback(TrainerCallback):
     """Writes ``svk.save_adapter(model, <checkpoint>/<filename>)`` on every Trainer save, from
-    the main process (under FSDP2 every rank takes part, as save_adapter requires). Raises (stopping training) if the checkpoint directory Trainer
-    should have written is missing or the save fails: a checkpoint without its adapter is not
-    silently skipped.
+    the main process (under FSDP2 every rank takes part, as save_adapter requires). Raises
+    (stopping training) if the checkpoint directory Trainer should have written is missing or
+    the save fails: a checkpoint without its adapter is not silently skipped.
 
     filename: the adapter file's name inside each checkpoint directory.
     include_frozen: passed to save_adapter.
