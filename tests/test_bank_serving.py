@@ -433,6 +433,8 @@ def test_layout_is_explicit_and_ambiguity_refused():
         with pytest.raises(ValueError, match="ambiguous.*batch_first=True.*batch_first=False"):
             model(x)
         model(torch.randn(3, 2, 8))                  # dims differ: dim 0 is the batch
+        with pytest.raises(ValueError, match="a sequence-first model.*batch_first=False"):
+            model(torch.randn(2, 3, 8))
     with pytest.raises(ValueError, match="per-token adapter ids of shape \\(3, 3\\) are ambiguous"):
         with bank.activate(torch.zeros(3, 3, dtype=torch.int64)):
             pass

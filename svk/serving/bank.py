@@ -156,6 +156,11 @@ def _laid_out(name, x, ids, layout):
             "are equal, and the bank was not told the model's layout: one id per sequence is "
             "ambiguous. Build the bank with batch_first=True (x is (batch, seq, ...), as in "
             "Hugging Face models) or batch_first=False (x is (seq, batch, ...))")
+    if x.shape[0] != ids.shape[0] and x.shape[1] == ids.shape[0]:
+        raise ValueError(
+            f"bank layer {name!r}: x has shape {tuple(x.shape)} and {ids.shape[0]} ids were "
+            "activated, one per sequence along dim 1: a sequence-first model? Build the bank "
+            "with batch_first=False (ids apply along dim 0 unless told)")
     return ids
 
 
@@ -483,8 +488,7 @@ class AdapterBank:
         try:
             yield self._serving.ids
         finally:
-            self._unload(previous)
-            self._serve_lock.release()
+            self._release(previous)
 
     def _enter_serving(self, timeout):
         if timeout is not None and (isinstance(timeout, bool)
@@ -511,37 +515,51 @@ class AdapterBank:
         with self._book_lock:
             self._validate(host)
             self._served.append(host)
-        if transpose:
-            host, source = host.t(), source.t()
-        previous = self._state()
-        view = self._view(tuple(host.shape))
-        view.copy_(source)
+        try:
+            if transpose:
+                host, source = host.t(), source.t()
+            previous = self._state()
+            view = self._view(tuple(host.shape))
+            view.copy_(source)
+        except BaseException:
+            with self._book_lock:
+                self._served.pop()
+            raise
         self._set_state(view, layout, False, host, {})
         return previous
 
     def _state(self):
         serving = self._serving
-        return (serving.ids, serving.layout, serving.merged, self._loaded,
-                {name: layer._merged_weight for name, layer in self.layers.items()})
+        merged_weights = ({name: layer._merged_weight for name, layer in self.layers.items()}
+                          if self._has_merged else {})
+        return serving.ids, serving.layout, serving.merged, self._loaded, merged_weights
 
     def _set_state(self, ids, layout, merged, loaded, merged_weights):
         serving = self._serving
         serving.ids, serving.layout, serving.merged = ids, layout, merged
         self._loaded = loaded
-        for name, layer in self.layers.items():
-            layer._merged_weight = merged_weights.get(name)
+        if merged_weights or self._has_merged:      # one setattr per layer only around merged()
+            for name, layer in self.layers.items():
+                layer._merged_weight = merged_weights.get(name)
+            self._has_merged = bool(merged_weights)
 
-    # The host ids the innermost open block wrote into the buffer (the serve lock makes
-    # this bank-wide value one thread's).
+    # The host ids the innermost open block wrote into the buffer, and whether the layers hold
+    # merged weights (the serve lock makes these bank-wide values one thread's).
     _loaded = None
+    _has_merged = False
 
-    def _unload(self, previous):
-        self._set_state(*previous)
-        ids = self._serving.ids
-        if ids is not None:                 # a nested block ends: the outer ids come back
-            ids.copy_(self._loaded)
-        with self._book_lock:
-            self._served.pop()
+    def _release(self, previous):
+        """Ends a block: the previous state (and, for a nested block, the outer ids in the
+        buffer) comes back, the block's ids stop counting as served, the lock is released."""
+        try:
+            self._set_state(*previous)
+            ids = self._serving.ids
+            if ids is not None:             # a nested block ends: the outer ids come back
+                ids.copy_(self._loaded)
+        finally:
+            with self._book_lock:
+                self._served.pop()
+            self._serve_lock.release()
 
     @contextlib.contextmanager
     def merged(self, name: str, *, timeout: float | None = None):
@@ -578,8 +596,7 @@ class AdapterBank:
         try:
             yield
         finally:
-            self._unload(previous)
-            self._serve_lock.release()
+            self._release(previous)
 
     def warmup(self, batch_sizes=(1,), seq_lens=(1,), **kwargs):
         """svk.warmup of the bank's model at every batch size, each inside an activation of
