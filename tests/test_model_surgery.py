@@ -3,7 +3,6 @@ disable_adapter, tied weights, refusals that change nothing, aliases, merged-sta
 hyperparameter checks (issues 14 and 15)."""
 import math
 import os
-import warnings
 
 import numpy as np
 import pytest
