@@ -42,15 +42,32 @@ def speed_words(ratio: float) -> str:
 
 
 def cost_words(ratio: float, of: str = "base") -> str:
-    """A time ratio (t_svk / t_other) as a multiple: "1.71× base"."""
-    return f"{ratio:.2f}× {of}"
+    """A time ratio (t_svk / t_other) as a multiple: "1.71× base", "57.1× base"."""
+    return f"{fmt_number(ratio)}× {of}"
+
+
+def fmt_number(value: float) -> str:
+    """Three significant figures, never in exponent notation (2180, 28.9, 0.0961)."""
+    if value == 0 or not math.isfinite(value):
+        return f"{value:g}"
+    decimals = max(0, 2 - math.floor(math.log10(abs(value))))
+    return f"{value:.{decimals}f}"
 
 
 def fmt_time(ms: float, unit: str | None = None) -> str:
-    """ms in the unit that suits it (µs below 1 ms), three significant figures."""
-    unit = unit or ("µs" if ms < 1 else "ms")
-    value = ms * 1e3 if unit == "µs" else ms
-    return f"{value:.3g} {unit}"
+    """ms in the unit that suits it (µs below 1 ms, s from 1000 ms), three significant
+    figures."""
+    unit = unit or ("µs" if ms < 1 else "ms" if ms < 1000 else "s")
+    value = ms * {"µs": 1e3, "ms": 1.0, "s": 1e-3}[unit]
+    return f"{fmt_number(value)} {unit}"
+
+
+def versus(ratio: float, other: str) -> str:
+    """speed_words against a named other: "1.30× faster than ref", "as fast as ref (1.00×)"."""
+    words = speed_words(ratio)
+    if words.endswith("(same speed)"):
+        return f"as fast as {other} (1.00×)"
+    return f"{words} than {other}"
 
 
 # Statistics of one result -----------------------------------------------------------------
@@ -109,24 +126,24 @@ def groups(benchmarks) -> dict:
 
 
 def _cell(name, bench, unit):
-    low, high = spread_ms(bench)
-    value = fmt_time(median_ms(bench), unit)
-    lo = fmt_time(low, unit).split()[0]
-    hi = fmt_time(high, unit).split()[0]
-    return f"{name} {value} [{lo}–{hi}]{' ~' if is_noisy(bench) else ''}"
+    """"name median [p20–p80]" in the group's unit (named once, on the group's line)."""
+    value, low, high = (fmt_time(ms, unit).split()[0]
+                        for ms in (median_ms(bench), *spread_ms(bench)))
+    return f"{name} {value} [{low}–{high}]{' ~' if is_noisy(bench) else ''}"
 
 
 def group_lines(name, by_provider) -> list[str]:
     """The summary lines of one group: svk vs reference vs base on one line when the group has
     svk and reference; else each provider against the base (the decode family)."""
-    unit = "µs" if median_ms(next(iter(by_provider.values()))) < 1 else "ms"
+    fastest = min(median_ms(b) for b in by_provider.values())
+    unit = "µs" if fastest < 1 else "ms" if fastest < 1000 else "s"
     svk, ref, base = (by_provider.get(k) for k in (SUBJECT, REFERENCE, BASE))
-    lines = [name]
+    lines = [f"{name} ({unit})"]
     if svk is not None and ref is not None:
         cells = [_cell("svk", svk, unit), _cell("ref", ref, unit)]
         if base is not None:
             cells.append(_cell("base", base, unit))
-        words = f"svk {speed_words(median_ms(ref) / median_ms(svk))} than ref"
+        words = versus(median_ms(ref) / median_ms(svk), "ref")
         if base is not None:
             words += f", {cost_words(median_ms(svk) / median_ms(base))}"
         lines.append("  " + "  ".join(cells) + f"  → {words}  {verdict(svk, ref).upper()}")
@@ -166,7 +183,7 @@ def noise_warning(benchmarks, threshold: float = NOISE) -> str | None:
     if not noisy:
         return None
     return (f"WARNING noisy run: {len(noisy)} of {len(benchmarks)} results have a p20–p80 "
-            f"spread above {threshold:.0%} of their median (marked ~); the machine was busy, "
+            f"spread above {threshold:.0%} of their median (marked ~):\nthe machine was busy, "
             f"and ratios inside the spread mean nothing. Rerun on a quiet machine.")
 
 
@@ -253,12 +270,12 @@ def summarize(benchmarks, *, header: str = "", threshold: float = NOISE) -> list
         lines += [target_line(t) for t in found]
     warning = noise_warning(benchmarks, threshold)
     if warning:
-        lines += ["", warning]
+        lines += [""] + warning.split("\n")
     below = floor_warnings(benchmarks)
     if below:
         lines += ["", f"WARNING impossible × floor below 1 ({len(below)} results): the floors "
-                      "were measured while the machine was loaded; the floor ratios of this "
-                      "run are wrong."] + [f"  {item}" for item in below]
+                      "were measured", "while the machine was loaded; this run's floor "
+                      "ratios are wrong."] + [f"  {item}" for item in below]
     return lines
 
 

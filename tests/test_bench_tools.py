@@ -143,10 +143,18 @@ def test_speed_words_rejects_meaningless_ratios(bad):
         summary.speed_words(bad)
 
 
-def test_fmt_time_picks_the_unit():
+def test_fmt_time_picks_the_unit_and_never_an_exponent():
     assert summary.fmt_time(0.0961) == "96.1 µs"
     assert summary.fmt_time(28.91) == "28.9 ms"
+    assert summary.fmt_time(2180.0) == "2.18 s"          # printed "2.18e+03 ms" before
+    assert summary.fmt_time(0.9996) == "1000 µs"
+    assert summary.fmt_number(0.00895) == "0.00895"
     assert summary.cost_words(1.714) == "1.71× base"
+
+
+def test_versus_reads_as_a_sentence():
+    assert summary.versus(1.0, "ref") == "as fast as ref (1.00×)"   # not "1.00× (same speed) than"
+    assert summary.versus(0.5, "ref") == "0.50× = 2.00× slower than ref"
 
 
 def test_verdict_needs_separate_spreads():
@@ -182,11 +190,11 @@ def _classic_run(spread=0.02):
 def test_summary_line_compares_svk_reference_and_base():
     lines = summary.summarize(_classic_run())
     assert lines[0].startswith("svk benchmark summary")
-    line = next(x for x in lines if "svk 40 ms" in x)
-    assert "ref 30 ms" in line and "base 25 ms" in line
-    assert "0.75× = 1.33× slower than ref" in line and "1.60× base" in line
-    assert line.rstrip().endswith("SLOWER")
-    assert all(len(x) <= 130 for x in lines)
+    assert lines[1] == "sv_linear fwd lora_xs M2048 (ms)"
+    assert lines[2] == ("  svk 40.0 [39.6–40.4]  ref 30.0 [29.7–30.3]  base 25.0 [24.8–25.2]  "
+                        "→ 0.75× = 1.33× slower than ref, 1.60× base  SLOWER")
+    assert all(len(x) <= 120 for x in lines)
+    assert not any("e+" in x for x in lines)
     assert not any("WARNING" in x for x in lines)
 
 
