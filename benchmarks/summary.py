@@ -219,18 +219,19 @@ def targets(benchmarks) -> list[dict]:
 
 
 def _decode_targets(name, by, base):
+    """Named by provider, not label: a label carries a rank that may change between runs."""
     out = []
     peft = by.get("peft-lora")
     for provider, bench in by.items():
         extra = bench["extra_info"]
         if provider.startswith("svk-"):
-            out.append(_target(f"{name}: {label(bench)} / base", median_ms(bench) /
+            out.append(_target(f"{name}: {provider} / base", median_ms(bench) /
                                median_ms(base), 1.2, ratio_bounds(bench, base)))
             if peft is not None:
-                out.append(_target(f"{name}: {label(bench)} / PEFT LoRA", median_ms(bench) /
+                out.append(_target(f"{name}: {provider} / PEFT LoRA", median_ms(bench) /
                                    median_ms(peft), 1.0, ratio_bounds(bench, peft)))
         elif provider.startswith("bank-") and extra.get("users") == 4:
-            out.append(_target(f"{name}: {label(bench)} / base", median_ms(bench) /
+            out.append(_target(f"{name}: {provider} / base", median_ms(bench) /
                                median_ms(base), 1.3, ratio_bounds(bench, base)))
     banks = sorted((b for p, b in by.items() if p.startswith("bank-")
                     and b["extra_info"].get("users") == 4),
