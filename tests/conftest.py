@@ -14,3 +14,13 @@ if not torch.cuda.is_available():
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _svk_settings():
+    """svk reads SVK_BACKEND/SVK_STRATEGY once; tests change them with tests.utils.set_env.
+    Autouse fixtures are set up before monkeypatch and torn down after it, so this reload
+    sees the environment monkeypatch restored."""
+    yield
+    from svk.ops import _dispatch
+    _dispatch.reload_settings()

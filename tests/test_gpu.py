@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import svk
+from tests.utils import set_env
 from tests.test_sv_linear import FLAGS, as_dtype, call, check_against_oracle, make_inputs
 
 pytestmark = pytest.mark.gpu
@@ -21,7 +22,7 @@ def cuda_inputs(**kw):
 @pytest.mark.parametrize("bias,core,out_scale", FLAGS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_gpu_kernels_match_oracle(monkeypatch, strategy, bias, core, out_scale, dtype):
-    monkeypatch.setenv("SVK_STRATEGY", strategy)
+    set_env(monkeypatch, "SVK_STRATEGY", strategy)
     t = cuda_inputs(lead=(3, 41), in_f=200, out_f=136, r=16, dtype=dtype, bias=bias, core=core,
                     out_scale=out_scale)
     check_against_oracle(t, 0.5, dtype, backend="triton")

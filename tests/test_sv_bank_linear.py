@@ -11,7 +11,7 @@ import svk
 from svk import reference
 from svk.kernels._common import LAUNCHES
 from svk.ops.sv_bank_linear import sv_bank_linear
-from tests.utils import DEVICE, FLOOR, rel_err
+from tests.utils import DEVICE, FLOOR, rel_err, set_env
 
 NAMES = ("x", "weight", "a", "s", "b", "bias", "cores")
 
@@ -86,7 +86,7 @@ TRITON = [pytest.param(s, id=s) for s in ("one_pass", "fused")]
 
 @pytest.fixture
 def strategy(request, monkeypatch):
-    monkeypatch.setenv("SVK_STRATEGY", request.param)
+    set_env(monkeypatch, "SVK_STRATEGY", request.param)
     return request.param
 
 
@@ -203,7 +203,7 @@ def test_launches_do_not_depend_on_distinct_adapters(strategy):
 
 
 def test_decode_forward_is_one_launch(monkeypatch):
-    monkeypatch.setenv("SVK_STRATEGY", "one_pass")
+    set_env(monkeypatch, "SVK_STRATEGY", "one_pass")
     t = make_inputs(lead=(4, 1), in_f=32, out_f=48, r=8, n=7, requires_grad=False)
     LAUNCHES.clear()
     y = _call(t, torch.tensor([6, -1, 0, 3], device=DEVICE), bias=t["bias"], scaling=0.3,

@@ -9,7 +9,7 @@ import svk
 from svk import reference
 from svk.kernels._common import LAUNCHES
 from svk.ops import _dispatch
-from tests.utils import DEVICE, FLOOR, assert_close_to_oracle, rel_err
+from tests.utils import DEVICE, FLOOR, assert_close_to_oracle, rel_err, set_env
 
 NAMES = ("x", "weight", "a", "s", "b", "bias", "core", "out_scale")
 
@@ -87,8 +87,13 @@ def test_torch_backend_matches_oracle(bias, core, out_scale, scaling, dtype):
 def test_triton_strategies_match_oracle(monkeypatch, strategy, bias, core, out_scale, dtype):
     # bf16 is not tested here: Triton's interpreter returns garbage for it (DESIGN.md §3);
     # the bf16 kernels are tested on a GPU (test_gpu_bf16_kernels).
-    monkeypatch.setenv("SVK_STRATEGY", strategy)
+    set_env(monkeypatch, "SVK_STRATEGY", strategy)
     t = make_inputs(dtype=dtype, bias=bias, core=core, out_scale=out_scale)
+    if strategy == "merged" and dtype == torch.float16:
+        # W + ΔW rounded to 16 bits loses the adapter (test_merged_never_for_16_bit_weights).
+        with pytest.raises(ValueError, match="merged cannot run"):
+            call(svk.sv_linear, t, 0.37, backend="triton")
+        return
     check_against_oracle(t, 0.37, dtype, backend="triton")
 
 
@@ -96,7 +101,7 @@ def test_triton_strategies_match_oracle(monkeypatch, strategy, bias, core, out_s
 @pytest.mark.parametrize("lead,in_f,out_f,r", [((1,), 17, 129, 1), ((3, 11), 130, 19, 37),
                                                  ((40,), 33, 65, 64)])
 def test_triton_odd_shapes(monkeypatch, strategy, lead, in_f, out_f, r):
-    monkeypatch.setenv("SVK_STRATEGY", strategy)
+    set_env(monkeypatch, "SVK_STRATEGY", strategy)
     t = make_inputs(lead=lead, in_f=in_f, out_f=out_f, r=r)
     check_against_oracle(t, 2.0, torch.float32, backend="triton")
 
@@ -104,7 +109,7 @@ def test_triton_odd_shapes(monkeypatch, strategy, lead, in_f, out_f, r):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_large_rank_beyond_register_epilogue(monkeypatch, backend):
     """r = 150 > 128: the skinny kernel tiles the rank and the core runs as a matmul."""
-    monkeypatch.setenv("SVK_STRATEGY", "fused")
+    set_env(monkeypatch, "SVK_STRATEGY", "fused")
     t = make_inputs(lead=(9,), in_f=40, out_f=24, r=150)
     check_against_oracle(t, 1.0, torch.float32, backend=backend)
 
@@ -211,7 +216,7 @@ def test_saves_only_order_m_r_for_backward(backend):
                                               ("merged", {"x_at": 2, "xw_plus_ub": 2})])
 def test_forced_triton_really_launches(monkeypatch, strategy, kernels):
     """Forward + backward with every gradient: count the Triton launches of each kernel."""
-    monkeypatch.setenv("SVK_STRATEGY", strategy)
+    set_env(monkeypatch, "SVK_STRATEGY", strategy)
     t = make_inputs()
     before = LAUNCHES.copy()
     call(svk.sv_linear, t, 1.0, backend="triton").sum().backward()
@@ -233,7 +238,7 @@ def test_torch_and_auto_on_cpu_launch_nothing():
 
 
 def test_env_backend_changes_auto(monkeypatch):
-    monkeypatch.setenv("SVK_BACKEND", "triton")
+    set_env(monkeypatch, "SVK_BACKEND", "triton")
     before = sum(LAUNCHES.values())
     call(svk.sv_linear, make_inputs(), 1.0)
     assert sum(LAUNCHES.values()) > before
@@ -283,7 +288,7 @@ def test_bad_backend_and_scaling():
     t = make_inputs()
     with pytest.raises(ValueError, match="backend must be one of"):
         call(svk.sv_linear, t, 1.0, backend="cuda")
-    with pytest.raises(TypeError, match="scaling must be a Python float"):
+    with pytest.raises(TypeError, match="scaling must be a real number"):
         call(svk.sv_linear, t, torch.tensor(1.0))
 
 

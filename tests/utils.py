@@ -28,3 +28,13 @@ def grads(y, inputs, weight):
     wanted = [t for t in inputs if t is not None and t.requires_grad]
     result = torch.autograd.grad((y.double() * weight).sum(), wanted)
     return dict(zip([id(t) for t in wanted], result))
+
+
+def set_env(monkeypatch, name, value):
+    """monkeypatch.setenv (or delenv for None), then make svk read its settings again."""
+    from svk.ops import _dispatch
+    if value is None:
+        monkeypatch.delenv(name, raising=False)
+    else:
+        monkeypatch.setenv(name, value)
+    _dispatch.reload_settings()

@@ -25,7 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from svk.ops import sv_linear
+from svk.ops import _checks, _dispatch
+from svk.ops.sv_linear import run as _run_sv_linear
+from svk.ops.sv_linear import sv_linear
 
 ADAPTER_TENSORS = ("a", "s", "b", "core", "lambdas", "gate_in", "gate_out", "out_scale")
 
@@ -198,12 +200,44 @@ class SVLinear(nn.Module):
 
     # ---- forward ------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
+        args = self._validated
         if self.adapter_disabled:
             return F.linear(x, self.base_weight_without_adapter(), self.bias)
         if self.merged:
             return F.linear(x, self.weight, self.bias)
-        return self.op(x, self.weight, self.a, self.s, self.b, bias=self.bias, core=self.core,
-                       out_scale=self.out_scale, scaling=self.scaling, backend=self.backend)
+        if args is None or _dispatch.autocast_dtype(x) is not None:
+            return self._checked_forward(x)
+        # The layer's own tensors were validated once (_checked_forward); per call only x.
+        _checks.activation(x, args[0])
+        return _run_sv_linear(x, *args)
+
+    def _checked_forward(self, x: Tensor) -> Tensor:
+        """The op with every argument check. When it passes, the op's arguments are kept as a
+        tuple (module attribute lookups cost host time) and later calls check only x."""
+        y = self.op(x, self.weight, self.a, self.s, self.b, bias=self.bias, core=self.core,
+                    out_scale=self.out_scale, scaling=self.scaling, backend=self.backend)
+        if self.op is sv_linear:
+            self._validated = (self.weight, self.a, self.s, self.b, self.bias, self.core,
+                               self.out_scale, float(self.scaling), self.backend)
+        return y
+
+    # What cannot change between calls (the tensors' shapes, dtypes and devices, scaling,
+    # backend) is checked once per layer. Assigning any attribute, .to()/.half()/.cuda(), or
+    # loading a state dict makes the next call check everything again.
+    _validated = None
+
+    def __setattr__(self, name, value):
+        if name != "_validated":
+            self.__dict__["_validated"] = None
+        super().__setattr__(name, value)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._validated = None
+        return super()._apply(fn, *args, **kwargs)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._validated = None
+        return super()._load_from_state_dict(*args, **kwargs)
 
     # ---- introspection ------------------------------------------------------------------
     @property

@@ -1,4 +1,5 @@
-"""Pieces every op shares: the accumulation dtype and the folded up-projection b_eff."""
+"""Pieces every op shares: the accumulation dtype, the folded up-projection b_eff, du, and the
+input-side gradients."""
 import torch
 
 
@@ -7,11 +8,33 @@ def acc_dtype(x):
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def cast(t, dtype):
+    """t in dtype, without a dispatch when it already is (each .to() costs host time)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def b_eff(b, out_scale, scaling, dtype):
     """scaling·out_scale ⊙ b (out, r): folding both into b makes the adapter one rank-r
     product added to the base GEMM's accumulator."""
-    folded = b.to(dtype) * scaling
-    return folded if out_scale is None else folded * out_scale.to(dtype)[:, None]
+    folded = cast(b, dtype) * scaling
+    return folded if out_scale is None else folded * cast(out_scale, dtype)[:, None]
+
+
+def add_up_projection(y, u, b, out_scale, scaling):
+    """y += scaling·(u·bᵀ) ⊙ out_scale in place, y fresh in x's dtype, u (M, r): one addmm_."""
+    if out_scale is None:
+        return y.addmm_(cast(u, y.dtype), cast(b, y.dtype).t(), alpha=scaling)
+    folded = b_eff(b, out_scale, scaling, acc_dtype(y))
+    return y.addmm_(cast(u, y.dtype), cast(folded, y.dtype).t())
+
+
+def up_projection_grad(dy, b, out_scale, scaling, acc):
+    """du = dy·b_eff (M, r) in acc, with b_eff = scaling·out_scale ⊙ b."""
+    if out_scale is not None:
+        return cast(dy @ cast(b_eff(b, out_scale, scaling, acc), dy.dtype), acc)
+    du = dy @ cast(b, dy.dtype)
+    du = cast(du, acc)
+    return du if scaling == 1.0 else du.mul_(scaling)
 
 
 def down_projection_rank(a, in_features):
@@ -36,9 +59,9 @@ def input_side_grads(dy, x, weight, a, dt, *, need_x, need_w, need_a, triton, w_
             from svk import kernels
             dx = kernels.xw_plus_ub(dy, weight, dt, a, w_transposed=True, v_transposed=True)
         else:
-            dx = torch.addmm(dy @ weight, dt.to(dy.dtype), a.to(dy.dtype))
+            dx = torch.addmm(dy @ weight, cast(dt, dy.dtype), cast(a, dy.dtype))
     if need_w:
         dw = dy.t() @ x
     if need_a:
-        da = (dt.to(x.dtype).t() @ x).to(a.dtype)
+        da = cast(cast(dt, x.dtype).t() @ x, a.dtype)
     return dx, dw, da

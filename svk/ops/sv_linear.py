@@ -8,25 +8,27 @@ Folding scaling and out_scale into b_eff (an (out, r) tensor) makes the adapter 
 product added to the base GEMM's accumulator; no (M, out) intermediate exists.
 """
 import torch
+import torch.nn.functional as F
 
 from svk.kernels._limits import MAX_EPILOGUE_RANK, rank_pad
 from svk.ops import _checks, _dispatch
-from svk.ops._common import acc_dtype, down_projection_rank, input_side_grads
+from svk.ops._common import (acc_dtype, add_up_projection, cast, down_projection_rank,
+                             input_side_grads, up_projection_grad)
 from svk.ops._common import b_eff as _b_eff
 from svk.ops._library import differentiable_op
+
 
 def _forward(x, weight, a, s, b, bias, core, out_scale, scaling, strategy):
     """Returns (y, t): y in x's dtype, t = x·aᵀ in fp32 (saved for backward)."""
     acc = acc_dtype(x)
-    b_eff = _b_eff(b, out_scale, scaling, acc)
     if strategy == "torch":
-        t = torch.nn.functional.linear(x, a.to(x.dtype)).to(acc)
-        u = t * s.to(acc)
+        t = cast(F.linear(x, cast(a, x.dtype)), acc)
+        u = t * cast(s, acc)
         if core is not None:
-            u = u @ core.to(acc).t()
-        y = torch.nn.functional.linear(x, weight, bias)
-        return y.addmm_(u.to(x.dtype), b_eff.to(x.dtype).t()), t
+            u = F.linear(u, cast(core, acc))
+        return add_up_projection(F.linear(x, weight, bias), u, b, out_scale, scaling), t
     from svk import kernels
+    b_eff = _b_eff(b, out_scale, scaling, acc)
     if strategy == "one_pass":
         return kernels.xw_plus_xasb(x, weight, a, b_eff, bias, s=s, core=core)
     if strategy == "merged":
@@ -63,38 +65,40 @@ def _backward(dy, x, weight, a, s, b, bias, core, out_scale, t, scaling, strateg
     """
     need_x, need_w, need_a, need_s, need_b, need_bias, need_core, need_os = needs
     acc = acc_dtype(x)
-    b_eff = _b_eff(b, out_scale, scaling, acc)
-    sf = s.to(acc)
+    sf = cast(s, acc)
     triton_path = strategy != "torch"
+    w_eff = None
     if triton_path:
         from svk import kernels
+        b_eff = _b_eff(b, out_scale, scaling, acc)
         du, _ = kernels.x_at(dy, b_eff, a_transposed=True)
+        if need_x and strategy == "merged":
+            w_eff = _merged_weight(weight, a, s, b_eff, core)
     else:
-        du = (dy @ b_eff.to(dy.dtype)).to(acc)
-    dp = du @ core.to(acc) if core is not None else du
+        du = up_projection_grad(dy, b, out_scale, scaling, acc)
+    dp = du @ cast(core, acc) if core is not None else du
     dt = dp * sf
     p = t * sf
     grads = [None] * 8
-    w_eff = (_merged_weight(weight, a, s, b_eff, core)
-             if need_x and strategy == "merged" else None)
     grads[0], grads[1], grads[2] = input_side_grads(
         dy, x, weight, a, dt, need_x=need_x, need_w=need_w, need_a=need_a,
         triton=triton_path, w_eff=w_eff)
     if need_s:
-        grads[3] = (dp * t).sum(0).to(s.dtype)
+        grads[3] = cast((dp * t).sum(0), s.dtype)
     if need_b or need_os:
         # G = dyᵀ·u (out, r) gives both db = scaling·out_scale ⊙ G and
         # d_out_scale = scaling·rowsum(b ⊙ G): one reduction over M, no (M, out) tensor.
-        u = p @ core.to(acc).t() if core is not None else p
-        g = (dy.t() @ u.to(dy.dtype)).to(acc) * scaling
+        u = F.linear(p, cast(core, acc)) if core is not None else p
+        g = cast(dy.t() @ cast(u, dy.dtype), acc) * scaling
         if need_b:
-            grads[4] = (g if out_scale is None else g * out_scale.to(acc)[:, None]).to(b.dtype)
+            grads[4] = cast(g if out_scale is None else g * cast(out_scale, acc)[:, None],
+                            b.dtype)
         if need_os:
-            grads[7] = (b.to(acc) * g).sum(1).to(out_scale.dtype)
+            grads[7] = cast((cast(b, acc) * g).sum(1), out_scale.dtype)
     if need_bias:
         grads[5] = dy.sum(0)
     if need_core:
-        grads[6] = (du.t() @ p).to(core.dtype)
+        grads[6] = cast(du.t() @ p, core.dtype)
     return grads
 
 
@@ -118,9 +122,39 @@ def sv_linear(x, weight, a, s, b, *, bias=None, core=None, out_scale=None, scali
     core (r, r), out_scale (out,) in any float dtype (fp32 adapters on a bf16 model are fine).
     Products accumulate in fp32; y has x's dtype. Differentiable in every tensor that
     requires grad; saves x and one (M, r) fp32 tensor for backward.
-    backend: "auto" (Triton on CUDA, PyTorch on CPU), "triton" or "torch".
+    backend: "auto" (PyTorch on CPU; on CUDA the fastest of PyTorch and the Triton
+    strategies, timed once per shape bucket), "triton" or "torch".
     """
     x, weight, bias = _dispatch.autocast_base(x, weight, bias)
+    check(x, weight, a, s, b, bias, core, out_scale)
+    return run(x, weight, a, s, b, bias, core, out_scale, _checks.scaling(scaling), backend)
+
+
+def check(x, weight, a, s, b, bias, core, out_scale):
+    """Every argument check of sv_linear (a module runs it once, then only checks x).
+
+    The common case is decided by one expression of attribute reads; only when it fails do
+    the detailed checks run, to name the argument and what was wrong."""
+    try:
+        dtype, device, (out_features, in_features), r = x.dtype, x.device, weight.shape, a.shape[0]
+        if (isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor)
+                and weight.dtype is dtype and dtype in _checks.FLOAT_DTYPES and x.shape[-1] == in_features
+                and a.shape == (r, in_features) and r > 0 and s.shape == (r,)
+                and b.shape == (out_features, r)
+                and a.dtype in _checks.FLOAT_DTYPES and s.dtype in _checks.FLOAT_DTYPES
+                and b.dtype in _checks.FLOAT_DTYPES
+                and weight.device == device and a.device == device and s.device == device
+                and b.device == device
+                and (bias is None or (bias.shape == (out_features,) and bias.dtype is dtype
+                                      and bias.device == device))
+                and (core is None or (core.shape == (r, r) and core.device == device
+                                      and core.dtype in _checks.FLOAT_DTYPES))
+                and (out_scale is None or (out_scale.shape == (out_features,)
+                                           and out_scale.device == device
+                                           and out_scale.dtype in _checks.FLOAT_DTYPES))):
+            return
+    except (AttributeError, TypeError, ValueError, IndexError):
+        pass          # not tensors, or wrong ranks: the detailed checks below say which
     out_features, in_features = _checks.base_layer(x, weight, bias)
     for name, value in (("a", a), ("s", s), ("b", b)):
         _checks.tensor(name, value)
@@ -133,13 +167,33 @@ def sv_linear(x, weight, a, s, b, *, bias=None, core=None, out_scale=None, scali
     _checks.shape("out_scale", out_scale, (out_features,), "out")
     _checks.same_device(x, weight=weight, a=a, s=s, b=b, bias=bias, core=core,
                         out_scale=out_scale)
-    scaling = _checks.scaling(scaling)
+
+
+def run(x, weight, a, s, b, bias, core, out_scale, scaling, backend):
+    """sv_linear on checked arguments: backend and strategy choice, then one op call."""
     backend = _dispatch.resolve_backend(backend, x)
-    x2 = x.reshape(-1, in_features)
+    flat = x.dim() != 2
+    x2 = x.reshape(-1, weight.shape[1]) if flat else x
     if backend == "torch":
         strategy = "torch"
     else:
-        strategy = _dispatch.choose_strategy(x2.shape[0], in_features, out_features,
-                                             rank_pad(r), MAX_EPILOGUE_RANK, x.device)
+        strategy = _strategy(x2, weight, a, s, b, bias, core, out_scale, scaling)
     y = sv_linear_op(x2, weight, a, s, b, bias, core, out_scale, scaling, strategy)
-    return y.reshape(*x.shape[:-1], out_features)
+    return y.reshape(*x.shape[:-1], weight.shape[0]) if flat else y
+
+
+def _strategy(x, weight, a, s, b, bias, core, out_scale, scaling):
+    m, (out_features, in_features), r = x.shape[0], weight.shape, a.shape[0]
+    padded = rank_pad(r)
+    if _dispatch.forced_strategy() is not None or not _dispatch.measured_choice(x.device):
+        return _dispatch.choose_strategy(m, in_features, out_features, padded,
+                                         MAX_EPILOGUE_RANK, x.device, weight.dtype)
+    key = (f"sv_linear|m{_dispatch.m_bucket(m)}|{in_features}x{out_features}|r{r}|"
+           f"{x.dtype}|{a.dtype}|bias{bias is not None}|core{core is not None}|"
+           f"os{out_scale is not None}")
+    candidates = ["torch", "fused"]
+    if padded <= MAX_EPILOGUE_RANK:
+        candidates.append("one_pass")
+    call = (x, weight, a, s, b, bias, core, out_scale, scaling)
+    return _dispatch.TUNER.choose(key, x.device, {
+        name: (lambda name=name: _forward(*call, name)) for name in candidates})

@@ -26,8 +26,9 @@ import torch.nn.functional as F
 
 from svk.ops import _checks, _dispatch
 from svk.ops._common import acc_dtype as _acc_dtype
+from svk.ops._common import add_up_projection, cast, down_projection_rank, input_side_grads
 from svk.ops._common import b_eff as _b_eff
-from svk.ops._common import down_projection_rank, input_side_grads
+from svk.ops._common import up_projection_grad
 from svk.ops._library import differentiable_op
 
 _ARGS = ("x", "weight", "a", "lambdas", "gate_in", "gate_out", "b", "bias", "out_scale")
@@ -54,12 +55,11 @@ def _router_backward(du, t, g, gate_in, gate_out, lambdas):
 
 def _forward(x, weight, a, lambdas, gate_in, gate_out, b, bias, out_scale, scaling, strategy):
     """Returns (y, t, g): y in x's dtype; t (M, r) and g (M, m) in fp32 (fp64 for fp64 x)."""
-    b_eff = _b_eff(b, out_scale, scaling, _acc_dtype(x))
     if strategy == "torch":
-        t = F.linear(x, a.to(x.dtype)).to(_acc_dtype(x))
+        t = cast(F.linear(x, cast(a, x.dtype)), _acc_dtype(x))
         g, u = _router(t, gate_in, gate_out, lambdas)
-        y = F.linear(x, weight, bias)
-        return y.addmm_(u.to(x.dtype), b_eff.to(x.dtype).t()), t, g
+        return add_up_projection(F.linear(x, weight, bias), u, b, out_scale, scaling), t, g
+    b_eff = _b_eff(b, out_scale, scaling, _acc_dtype(x))
     from svk.kernels import xw_plus_ub
     from svk.kernels.x_at_router import x_at_router
     t, g, u = x_at_router(x, a, gate_in, gate_out, lambdas)
@@ -93,20 +93,19 @@ def _backward(dy, x, weight, a, lambdas, gate_in, gate_out, b, bias, out_scale, 
     """
     need_x, need_w, need_a, need_lam, need_gi, need_go, need_b, need_bias, need_os = needs
     acc = t.dtype
-    b_eff = _b_eff(b, out_scale, scaling, acc)
     need_dt = need_x or need_a
     need_u = need_b or need_os
     grads = [None] * len(_ARGS)
     dt = u = None
     if need_dt or need_lam or need_gi or need_go:
         if strategy == "torch":
-            du = (dy @ b_eff.to(dy.dtype)).to(acc)
+            du = up_projection_grad(dy, b, out_scale, scaling, acc)
             dt, dlambdas, dgate_in, dgate_out = _router_backward(du, t, g, gate_in, gate_out,
                                                                   lambdas)
         else:
             from svk.kernels import x_at
             from svk.kernels.x_at_router import x_at_router_backward
-            du, _ = x_at(dy, b_eff, a_transposed=True)
+            du, _ = x_at(dy, _b_eff(b, out_scale, scaling, acc), a_transposed=True)
             dt, u, dlambdas, dgate_in, dgate_out = x_at_router_backward(
                 du, t, g, gate_in, gate_out, lambdas, need_dt=need_dt,
                 u_dtype=dy.dtype if need_u else None)
@@ -179,6 +178,15 @@ def sv_mixture_linear(x, weight, a, lambdas, gate_in, gate_out, b, *, bias=None,
     raise in backward).
     """
     x, weight, bias = _dispatch.autocast_base(x, weight, bias)
+    check(x, weight, a, lambdas, gate_in, gate_out, b, bias, out_scale)
+    if not isinstance(return_gates, bool):
+        raise TypeError(f"return_gates must be a bool, got {type(return_gates).__name__}")
+    return run(x, weight, a, lambdas, gate_in, gate_out, b, bias, out_scale,
+               _checks.scaling(scaling), backend, return_gates)
+
+
+def check(x, weight, a, lambdas, gate_in, gate_out, b, bias, out_scale):
+    """Every argument check of sv_mixture_linear (a module runs it once, then checks x)."""
     out_features, in_features = _checks.base_layer(x, weight, bias)
     for name, value in (("a", a), ("lambdas", lambdas), ("gate_in", gate_in),
                         ("gate_out", gate_out), ("b", b)):
@@ -197,16 +205,21 @@ def sv_mixture_linear(x, weight, a, lambdas, gate_in, gate_out, b, *, bias=None,
     _checks.shape("out_scale", out_scale, (out_features,), "out")
     _checks.same_device(x, weight=weight, a=a, lambdas=lambdas, gate_in=gate_in,
                         gate_out=gate_out, b=b, bias=bias, out_scale=out_scale)
-    scaling = _checks.scaling(scaling)
-    if not isinstance(return_gates, bool):
-        raise TypeError(f"return_gates must be a bool, got {type(return_gates).__name__}")
+
+
+def run(x, weight, a, lambdas, gate_in, gate_out, b, bias, out_scale, scaling, backend,
+        return_gates=False):
+    """sv_mixture_linear on checked arguments."""
     strategy = _strategy(_dispatch.resolve_backend(backend, x))
-    x2 = x.reshape(-1, in_features)
-    # The registered op itself (not the y-only wrapper differentiable_op returns) so that the
-    # gates it computed can be handed out without recomputing the router.
-    y, _, g = torch.ops.svk.sv_mixture_linear(x2, weight, a, lambdas, gate_in, gate_out, b,
-                                              bias, out_scale, scaling, strategy)
-    y = y.reshape(*x.shape[:-1], out_features)
+    out_features = weight.shape[0]
+    flat = x.dim() != 2
+    x2 = x.reshape(-1, weight.shape[1]) if flat else x
+    # The full op (not the y-only call) so that the gates it computed can be handed out
+    # without recomputing the router.
+    y, _, g = sv_mixture_linear_op.full(x2, weight, a, lambdas, gate_in, gate_out, b, bias,
+                                        out_scale, scaling, strategy)
+    if flat:
+        y = y.reshape(*x.shape[:-1], out_features)
     if return_gates:
-        return y, g.detach().reshape(*x.shape[:-1], heads)
+        return y, g.detach().reshape(*x.shape[:-1], lambdas.shape[0])
     return y
