@@ -110,7 +110,8 @@ def test_bank_layer_forward_is_one_op_call(setup, monkeypatch):
 def test_compiled_decode_step_matches_eager_without_recompiling(setup):
     """A whole-model decode step (one token per sequence) under torch.compile (inductor on
     CPU) gives eager's logits for several id sets, compiled once: activate rewrites the ids
-    buffer the graph reads, it never changes what the graph was specialised on."""
+    buffer the graph reads, add/remove write into the preallocated cores: neither changes what
+    the graph was specialised on."""
     model, bank = make_bank(setup)
     torch._dynamo.reset()
     step = torch.compile(lambda tokens: model(tokens, use_cache=False).logits,
@@ -130,6 +131,15 @@ def test_compiled_decode_step_matches_eager_without_recompiling(setup):
                 eager = model(tokens, use_cache=False).logits
             torch.testing.assert_close(compiled, eager, **TOL)
             torch.testing.assert_close(compiled, expected_logits(setup, tokens, users), **TOL)
+        # Adding and removing adapters copies into the preallocated cores: no recompile.
+        late = {key: -core for key, core in setup[1][0].items()}
+        bank.remove("user1")
+        assert bank.add("late", late) == 1
+        with bank.activate(["late", "user0", -1, "late"]):
+            compiled = step(tokens)
+            eager = model(tokens, use_cache=False).logits
+        torch.testing.assert_close(compiled, eager, **TOL)
+        assert (compiled[0] - expected_logits(setup, tokens, [0, 0, 0, 0])[0]).abs().max() > 1e-3
         with bank.activate([0, 1, 2]):               # the stance does catch a recompile
             with pytest.raises(RuntimeError, match="fail_on_recompile|[Rr]ecompil"):
                 step(tokens[:3])
