@@ -96,9 +96,14 @@ def model_load_pre_hook(model, state_dict, prefix, local_metadata, strict, missi
 
 
 def install(model, layers) -> list:
-    """Hooks on each layer and the model-wide check; returns the handles."""
+    """Hooks on each layer and the model-wide check; returns the handles. A layer whose
+    ``_svk_state_hooks`` is already True (hooks registered by its constructor) gets none: the
+    layout changes must be applied exactly once."""
     handles = [model.register_load_state_dict_pre_hook(model_load_pre_hook)]
     for layer in layers:
+        if getattr(layer, "_svk_state_hooks", False):
+            continue
         handles.append(layer.register_state_dict_post_hook(state_dict_post_hook))
         handles.append(layer.register_load_state_dict_pre_hook(load_state_dict_pre_hook))
+        layer._svk_state_hooks = True
     return handles
