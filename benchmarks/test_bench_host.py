@@ -21,8 +21,9 @@ Modes: "fwd" (grad mode on, x and the trainable tensors require grad: a training
 "fwd no_grad" (the same call under torch.no_grad: inference) and "fwd+bwd" (forward and
 torch.autograd.grad of x and the trainable tensors).
 Providers: svk (svk.*), reference (svk.reference.*, the same signatures), base (F.linear /
-nn.Linear). Each test times its three providers interleaved in one process: ROUNDS rounds of a
-batch of CALLS calls each (benchmarks.utils.interleaved), reported in µs per call with the
+nn.Linear). Each test times its three providers interleaved in one process: ROUNDS rounds of one
+batch per provider (benchmarks.utils.interleaved), each batch as many calls as last about
+SVK_BENCH_BATCH_MS = 20 ms (benchmarks.utils.calls_for), reported in µs per call with the
 p20–p80 spread over rounds.
 """
 import os
@@ -33,11 +34,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import svk
-from benchmarks.utils import as_result, environment, interleaved
+from benchmarks.utils import as_result, calls_for, environment, interleaved
 from svk import reference
 
 M, IN, OUT, R, HEADS, ADAPTERS = 1, 64, 64, 8, 5, 4
-CALLS = int(os.environ.get("SVK_BENCH_CALLS", "200"))
+BATCH_S = float(os.environ.get("SVK_BENCH_BATCH_MS", "20")) / 1e3   # one batch's duration
 ROUNDS = int(os.environ.get("SVK_BENCH_ROUNDS", "15"))
 DEVICE = torch.device("cpu")   # host overhead: the CPU family (a GPU run adds nothing here)
 MODES = ["fwd", "fwd no_grad", "fwd+bwd"]
@@ -174,13 +175,14 @@ def _runner(fn, mode, params, dy):
 def _time(svk_results, group, mode, fns, params, rows, *, level, case):
     dy = torch.randn(rows, OUT)
     runs = {p: _runner(fns[p], mode, params and params[p], dy) for p in PROVIDERS}
-    times = interleaved(runs, calls=CALLS, rounds=ROUNDS, warmup=2,
-                        context=torch.no_grad if mode == "fwd no_grad" else None)
+    context = torch.no_grad if mode == "fwd no_grad" else None
+    calls = calls_for(runs, BATCH_S, context=context)
+    times = interleaved(runs, calls=calls, rounds=ROUNDS, warmup=2, context=context)
     for provider in PROVIDERS:
         svk_results.append(as_result(
             f"test_host[{group}-{provider}]", group, times[provider], provider=provider,
             family="host", mode=mode, M=rows, in_features=IN, out_features=OUT, rank=R,
-            calls_per_round=CALLS, unit="per call", level=level, case=case,
+            calls_per_round=calls[provider], unit="per call", level=level, case=case,
             short=f"host {'module ' if level == 'module' else ''}{case} {mode}",
             **environment(DEVICE)))
 

@@ -90,7 +90,8 @@ def quantile(values, q):
 def interleaved(fns, *, calls, rounds, warmup=1, sync=None, context=None):
     """Seconds per call of each fn in `fns` (name -> callable), one list entry per round.
 
-    Every round times a batch of `calls` calls of each provider in turn, in an order rotated
+    Every round times a batch of `calls` calls (an int, or a count per name) of each provider
+    in turn, in an order rotated
     from round to round, so that a slow spell of a shared machine lands on every provider
     rather than on whichever ran last; the median over rounds is then a same-run comparison.
     Per-call times of a few µs cannot be timed one call at a time (the timer's own cost and
@@ -102,6 +103,7 @@ def interleaved(fns, *, calls, rounds, warmup=1, sync=None, context=None):
     import gc
     import time
     names = list(fns)
+    count = calls if isinstance(calls, dict) else dict.fromkeys(names, calls)
     for _ in range(warmup):
         for name in names:
             with context() if context is not None else contextlib.nullcontext():
@@ -117,17 +119,36 @@ def interleaved(fns, *, calls, rounds, warmup=1, sync=None, context=None):
                 gc.disable()
                 with context() if context is not None else contextlib.nullcontext():
                     start = time.perf_counter()
-                    for _ in range(calls):
+                    for _ in range(count[name]):
                         fn()
                     if sync is not None:
                         sync()
                     elapsed = time.perf_counter() - start
-                times[name].append(elapsed / calls)
+                times[name].append(elapsed / count[name])
                 gc.enable()
     finally:
         if enabled:
             gc.enable()
     return times
+
+
+def calls_for(fns, batch_s, *, low=10, high=5000, context=None):
+    """Calls per batch for each fn so that a batch lasts about batch_s seconds (from the median
+    of 5 single calls after one warm-up call): a µs-long call needs thousands per batch to
+    rise above the timer and the scheduler, a ms-long one a few dozen."""
+    import contextlib
+    import time
+    out = {}
+    for name, fn in fns.items():
+        with context() if context is not None else contextlib.nullcontext():
+            fn()
+            singles = []
+            for _ in range(5):
+                start = time.perf_counter()
+                fn()
+                singles.append(time.perf_counter() - start)
+        out[name] = int(min(high, max(low, batch_s / quantile(singles, 0.5))))
+    return out
 
 
 def as_result(name, group, seconds, **extra):

@@ -315,6 +315,23 @@ def test_interleaved_rotates_the_order_and_counts_calls():
     assert order[:6] == list("aabbcc") and order[6:12] == list("bbccaa")
 
 
+def test_interleaved_takes_a_count_per_provider():
+    counts = {"a": 0, "b": 0}
+
+    def bump(name):
+        counts[name] += 1
+    fns = {name: (lambda name=name: bump(name)) for name in counts}
+    interleaved(fns, calls={"a": 3, "b": 1}, rounds=2, warmup=0)
+    assert counts == {"a": 6, "b": 2}
+
+
+def test_calls_for_stays_within_its_bounds():
+    from benchmarks.utils import calls_for
+    calls = calls_for({"fast": lambda: None}, 1.0, low=10, high=50)
+    assert calls == {"fast": 50}
+    assert calls_for({"fast": lambda: None}, 0.0, low=7, high=50) == {"fast": 7}
+
+
 def test_interleaved_enters_the_context_around_each_batch():
     torch = pytest.importorskip("torch")
     seen = []
