@@ -27,7 +27,8 @@ class LoRAXSLinear(SVLinear):
     vectors trains (r² parameters per layer).
 
     ΔW = (alpha/r)·b·core·diag(s)·a with b = U[:, :r], s = S[:r], a = Vh[:r]: the official
-    code's B·R·A with S folded into A (A = diag(S)·Vh), R = core, the same function.
+    code's B·R·A with S folded into A (A = diag(S)·Vh) and core in R's place (core = D·R·D for
+    the sign flips D between the two SVDs; see svk.integrations.official).
 
     alpha is per task in the official code (MohammadrezaBanaei/LoRA-XS); the default 16 is its
     GLUE setting (``main_glue.py``, paper App. "We fix the LoRA-XS scaling factor α to 16"), so
