@@ -286,6 +286,28 @@ def test_nested_blocks_restore_the_outer_ids(setup):
     bank.remove("user0")                          # nothing serves it any more
 
 
+@torch.no_grad()
+def test_blocks_ending_out_of_order_raise_and_leave_the_bank_consistent(setup):
+    """Two interleaved blocks of one thread (what two coroutines awaiting inside their blocks
+    would do): the one that ends out of order raises; the other is served, then none."""
+    model, bank = make_bank(setup)
+    tokens = tokens_for(1, seed=10)
+    first, second = bank.activate(["user0"]), bank.activate(["user1"])
+    first.__enter__()
+    second.__enter__()
+    with pytest.raises(RuntimeError, match="ended out of order"):
+        first.__exit__(None, None, None)
+    torch.testing.assert_close(model(tokens).logits, expected_logits(setup, tokens, [1]), **TOL)
+    with pytest.raises(RuntimeError, match="being served"):
+        bank.remove("user1")
+    bank.remove("user0")                          # its block is gone
+    second.__exit__(None, None, None)
+    with pytest.raises(RuntimeError, match="outside `with bank.activate"):
+        model(tokens)
+    with bank.activate(["user1"], timeout=0):     # the lock was released every time
+        pass
+
+
 # ---- an empty bank --------------------------------------------------------------------------
 @torch.no_grad()
 def test_empty_bank_serves_the_base_model_and_refuses_empty_slots(setup):

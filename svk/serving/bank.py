@@ -30,7 +30,8 @@ The serving model (what a decode step costs, threads, compiled and captured grap
   waits until another thread's block has ended (one ids buffer, one batch at a time; pass
   `timeout=` to get a RuntimeError instead of waiting). A forward in a thread that has not
   entered `activate` raises, even while another thread serves; `remove` refuses an adapter the
-  serving thread uses; `add` into a free slot may run while another thread serves.
+  serving thread uses; `add` into a free slot may run while another thread serves. Coroutines
+  of one event loop share a thread: do not await inside a block.
 - Layout: ids are batch-major, one per sequence (x.shape[0] of a batch-first model) or one per
   token ((batch, seq_len)). See AdapterBank's batch_first.
 
@@ -71,6 +72,17 @@ class _Serving(threading.local):
     ids = None          # the (validated) ids the op gets: a view of bank.ids_buffer
     layout = _AS_GIVEN
     merged = False      # inside bank.merged(name): the layers run their merged weights
+
+
+class _Block:
+    """One open activate/merged block: what the layers serve while it is the innermost."""
+
+    def __init__(self, *, ids=None, layout=_AS_GIVEN, merged=False, host=None):
+        self.ids = ids              # the view of ids_buffer the layers read (None: merged)
+        self.layout = layout
+        self.merged = merged
+        self.host = host            # the block's ids (or merged slot) on the host
+        self.weights = {}           # merged: layer name -> merged weight
 
 
 class BankLinear(nn.Module):
@@ -250,7 +262,7 @@ class AdapterBank:
         # may nest them). _book_lock: the slot tables and which slots the serving thread uses.
         self._serve_lock = threading.RLock()
         self._book_lock = threading.Lock()
-        self._served: list[torch.Tensor] = []       # host ids of each open block, innermost last
+        self._blocks: list[_Block] = []             # the serving thread's open blocks, innermost last
         self.ids_buffer = torch.full((max_batch,), -1, dtype=torch.int64,
                                      device=self._device())
         self._views: dict = {}                      # shape -> the same view of ids_buffer
@@ -322,7 +334,7 @@ class AdapterBank:
         an `activate` block (of any thread) serves it."""
         with self._book_lock:
             slot = self.slot(name)
-            if any(bool((host == slot).any()) for host in self._served):
+            if any(bool((block.host == slot).any()) for block in self._blocks):
                 raise RuntimeError(f"adapter {name!r} (slot {slot}) is being served by an active "
                                    "`bank.activate(...)`; remove it after the block")
             with torch.no_grad():
@@ -474,92 +486,26 @@ class AdapterBank:
         Blocks of different threads are serialised: this waits while another thread is inside
         an activate (or merged) block, at most `timeout` seconds (None: no limit), then raises
         RuntimeError. The same thread may nest blocks; the outer ids come back on exit.
+        Interleaving blocks within one thread (two coroutines of one event loop, each awaiting
+        inside its block) is not supported: a forward serves the innermost open block's ids,
+        whoever calls it. Serve concurrent requests from threads (or keep awaits out of the
+        block); a block that ends out of order raises RuntimeError, after the bank is put back
+        in a consistent state.
 
         A compiled model or a captured CUDA graph reads bank.ids_buffer: capture inside
-        `activate(ids)` (after a warm-up call at that batch size), then replay inside
-        `activate(new_ids)` with new ids of the same shape.
+        `activate(ids)` (after a warm-up call at that batch size: bank.warmup), then replay
+        inside `activate(new_ids)` with new ids of the same shape.
         """
         self._enter_serving(timeout)
         try:
-            previous = self._load(adapter_ids)
+            block = self._open_ids_block(adapter_ids)
         except BaseException:
             self._serve_lock.release()
             raise
         try:
-            yield self._serving.ids
+            yield block.ids
         finally:
-            self._release(previous)
-
-    def _enter_serving(self, timeout):
-        if timeout is not None and (isinstance(timeout, bool)
-                                    or not isinstance(timeout, (int, float)) or timeout < 0):
-            raise ValueError(f"timeout must be a non-negative number of seconds or None, got "
-                             f"{timeout!r}")
-        if not self._serve_lock.acquire(timeout=-1 if timeout is None else timeout):
-            raise RuntimeError(f"another thread has been serving this bank for more than "
-                               f"{timeout} s (activate blocks of different threads run one at "
-                               "a time: one ids buffer, one batch)")
-
-    def _load(self, adapter_ids):
-        """Validates ids, writes them into the buffer and sets this thread's state; returns
-        what to restore at the end of the block."""
-        host, source = self._host_ids(adapter_ids)
-        layout, transpose = self._layout(host)
-        if host.numel() > self.max_batch:
-            raise ValueError(f"{host.numel()} adapter ids do not fit the bank's ids buffer "
-                             f"(max_batch={self.max_batch}); build the bank with a larger "
-                             "max_batch")
-        if self.ids_buffer.device != self._device():     # the model moved since
-            self.ids_buffer = self.ids_buffer.to(self._device())
-            self._views.clear()
-        with self._book_lock:
-            self._validate(host)
-            self._served.append(host)
-        try:
-            if transpose:
-                host, source = host.t(), source.t()
-            previous = self._state()
-            view = self._view(tuple(host.shape))
-            view.copy_(source)
-        except BaseException:
-            with self._book_lock:
-                self._served.pop()
-            raise
-        self._set_state(view, layout, False, host, {})
-        return previous
-
-    def _state(self):
-        serving = self._serving
-        merged_weights = ({name: layer._merged_weight for name, layer in self.layers.items()}
-                          if self._has_merged else {})
-        return serving.ids, serving.layout, serving.merged, self._loaded, merged_weights
-
-    def _set_state(self, ids, layout, merged, loaded, merged_weights):
-        serving = self._serving
-        serving.ids, serving.layout, serving.merged = ids, layout, merged
-        self._loaded = loaded
-        if merged_weights or self._has_merged:      # one setattr per layer only around merged()
-            for name, layer in self.layers.items():
-                layer._merged_weight = merged_weights.get(name)
-            self._has_merged = bool(merged_weights)
-
-    # The host ids the innermost open block wrote into the buffer, and whether the layers hold
-    # merged weights (the serve lock makes these bank-wide values one thread's).
-    _loaded = None
-    _has_merged = False
-
-    def _release(self, previous):
-        """Ends a block: the previous state (and, for a nested block, the outer ids in the
-        buffer) comes back, the block's ids stop counting as served, the lock is released."""
-        try:
-            self._set_state(*previous)
-            ids = self._serving.ids
-            if ids is not None:             # a nested block ends: the outer ids come back
-                ids.copy_(self._loaded)
-        finally:
-            with self._book_lock:
-                self._served.pop()
-            self._serve_lock.release()
+            self._close(block)
 
     @contextlib.contextmanager
     def merged(self, name: str, *, timeout: float | None = None):
@@ -577,26 +523,102 @@ class AdapterBank:
         """
         self._enter_serving(timeout)
         try:
-            with self._book_lock:
-                slot = self.slot(name)
-                host = torch.tensor([slot])
-                self._served.append(host)
-            try:
-                with torch.no_grad():
-                    weights = {n: layer.merged_weight(slot) for n, layer in self.layers.items()}
-            except BaseException:
-                with self._book_lock:
-                    self._served.pop()
-                raise
-            previous = self._state()
-            self._set_state(None, _AS_GIVEN, True, previous[3], weights)
+            block = self._open_merged_block(name)
         except BaseException:
             self._serve_lock.release()
             raise
         try:
             yield
         finally:
-            self._release(previous)
+            self._close(block)
+
+    def _enter_serving(self, timeout):
+        if timeout is not None and (isinstance(timeout, bool)
+                                    or not isinstance(timeout, (int, float)) or timeout < 0):
+            raise ValueError(f"timeout must be a non-negative number of seconds or None, got "
+                             f"{timeout!r}")
+        if not self._serve_lock.acquire(timeout=-1 if timeout is None else timeout):
+            raise RuntimeError(f"another thread has been serving this bank for more than "
+                               f"{timeout} s (activate blocks of different threads run one at "
+                               "a time: one ids buffer, one batch)")
+
+    def _open_ids_block(self, adapter_ids) -> "_Block":
+        """Validates ids, writes them into the buffer and makes them this thread's."""
+        host, source = self._host_ids(adapter_ids)
+        layout, transpose = self._layout(host)
+        if host.numel() > self.max_batch:
+            raise ValueError(f"{host.numel()} adapter ids do not fit the bank's ids buffer "
+                             f"(max_batch={self.max_batch}); build the bank with a larger "
+                             "max_batch")
+        if self.ids_buffer.device != self._device():     # the model moved since
+            self.ids_buffer = self.ids_buffer.to(self._device())
+            self._views.clear()
+        if transpose:
+            host, source = host.t(), source.t()
+        block = _Block(ids=self._view(tuple(host.shape)), layout=layout, host=host)
+        with self._book_lock:
+            self._validate(host)
+            self._blocks.append(block)
+        try:
+            block.ids.copy_(source)
+        except BaseException:
+            with self._book_lock:
+                self._blocks.remove(block)
+            raise
+        self._apply(block)
+        return block
+
+    def _open_merged_block(self, name) -> "_Block":
+        with self._book_lock:
+            block = _Block(merged=True, host=torch.tensor([self.slot(name)]))
+            self._blocks.append(block)
+        try:
+            with torch.no_grad():
+                block.weights = {n: layer.merged_weight(int(block.host[0]))
+                                 for n, layer in self.layers.items()}
+        except BaseException:
+            with self._book_lock:
+                self._blocks.remove(block)
+            raise
+        self._apply(block)
+        return block
+
+    def _apply(self, block, *, rewrite=False) -> None:
+        """Makes `block` (None: no block) what this thread's layers serve; rewrite: copy its ids
+        into the buffer again (an inner block wrote over them)."""
+        serving = self._serving
+        if block is None:
+            serving.ids, serving.layout, serving.merged = None, _AS_GIVEN, False
+            weights = {}
+        else:
+            serving.ids, serving.layout, serving.merged = block.ids, block.layout, block.merged
+            weights = block.weights
+            if rewrite and block.ids is not None:
+                block.ids.copy_(block.host)
+        if weights or self._has_merged:     # one setattr per layer only around merged()
+            for name, layer in self.layers.items():
+                layer._merged_weight = weights.get(name)
+            self._has_merged = bool(weights)
+
+    _has_merged = False     # whether the layers hold merged weights (one thread's, by the lock)
+
+    def _close(self, block) -> None:
+        """Ends a block: the enclosing block (or none) is served again, the block's ids stop
+        counting as served, the lock is released; refuses an out-of-order end, after that."""
+        try:
+            with self._book_lock:
+                innermost = self._blocks[-1] is block
+                self._blocks.remove(block)
+                top = self._blocks[-1] if self._blocks else None
+            self._apply(top, rewrite=True)
+        finally:
+            self._serve_lock.release()
+        if not innermost:
+            raise RuntimeError(
+                "bank blocks of one thread ended out of order (interleaved, e.g. two coroutines "
+                "each awaiting inside `bank.activate`): while both were open, the outer one's "
+                "forwards ran with the inner one's ids. Nest blocks, or serve concurrent "
+                "requests from threads (activate blocks of different threads are serialised)")
 
     def warmup(self, batch_sizes=(1,), seq_lens=(1,), **kwargs):
         """svk.warmup of the bank's model at every batch size, each inside an activation of
