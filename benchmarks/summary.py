@@ -6,6 +6,7 @@ tests/test_bench_tools.py checks the wording without a benchmark run.
 
     python benchmarks/summary.py RESULTS.json                 the summary of a saved run
     python benchmarks/summary.py BEFORE.json AFTER.json       the targets, before and after
+    python benchmarks/summary.py --readme RESULTS.json        README results-table rows
 
 Wording: a speed ratio r = t_reference / t_svk reads "1.30× faster" when r ≥ 1 and
 "0.77× = 1.30× slower" when r < 1; a cost ratio over the base reads "1.71× base". Spread: the
@@ -335,13 +336,72 @@ def before_after(before, after) -> list[str]:
     return lines
 
 
+HOST_CASES = {"sv_linear lora_xs": "`sv_linear`, LoRA-XS arguments (core trains)",
+              "sv_linear sara": "`sv_linear`, SARA arguments (a, s, b train)",
+              "sv_mixture_linear": "`sv_mixture_linear`, Mo-SARA k 8, 5 heads",
+              "sv_bank_linear": "`sv_bank_linear`, one of 4 adapters per row",
+              "LoRAXSLinear": "`LoRAXSLinear` module (base: `nn.Linear`)",
+              "bank layer": "bank layer of an `AdapterBank`, one of 4 adapters per row"}
+
+
+def readme_rows(benchmarks) -> list[str]:
+    """Rows for the README's results table (| benchmark | floor | base | reference | svk |)
+    from the host-overhead and decode families of a run."""
+    by_case = {}
+    for name, by in groups(benchmarks).items():
+        extra = next(iter(by.values()))["extra_info"]
+        if extra.get("family") == "host" and all(k in by for k in (SUBJECT, REFERENCE, BASE)):
+            by_case.setdefault(extra["case"], {})[extra["mode"]] = by
+    rows = []
+    for case, modes in by_case.items():
+        order = [m for m in ("fwd", "fwd no_grad", "fwd+bwd") if m in modes]
+        unit = "µs" if min(median_ms(modes[m][BASE]) for m in order) < 1 else "ms"
+
+        def times(provider):
+            return " / ".join(fmt_time(median_ms(modes[m][provider]), unit).split()[0]
+                              for m in order) + f" {unit}"
+        ratios = " / ".join(f"{median_ms(modes[m][SUBJECT]) / median_ms(modes[m][REFERENCE]):.2f}×"
+                            for m in order)
+        shape = modes[order[0]][BASE]["extra_info"]
+        rows.append(f"| per call, {HOST_CASES.get(case, case)}, M {shape.get('M')}, "
+                    f"{shape.get('in_features')}→{shape.get('out_features')}, "
+                    f"r {shape.get('rank')}: "
+                    f"{' / '.join(m.replace('fwd no_grad', 'no_grad') for m in order)} | | "
+                    f"{times(BASE)} | {times(REFERENCE)} | {times(SUBJECT)} ({ratios} the "
+                    f"reference's time) |")
+    for name, by in groups(benchmarks).items():
+        extra = next(iter(by.values()))["extra_info"]
+        if extra.get("family") != "decode" or BASE not in by:
+            continue
+        base = median_ms(by[BASE])
+
+        def x(provider):
+            return f"{median_ms(by[provider]) / base:.2f}×"
+        methods = ", ".join(f"{p[4:]} {x(p)}" for p in by if p.startswith("svk-"))
+        banks = ", ".join(f"{x(p)} ({by[p]['extra_info']['distinct']} of "
+                          f"{by[p]['extra_info']['resident']:,} resident)".replace(",", " ")
+                          for p in by if p.startswith("bank-"))
+        peft = f"PEFT LoRA r 16: {fmt_time(median_ms(by['peft-lora']))} ({x('peft-lora')})" \
+            if "peft-lora" in by else ""
+        svk_cell = "; ".join(c for c in (methods and f"{methods} the base",
+                                         banks and f"bank (LoRA-XS r 16) {banks}") if c)
+        rows.append(f"| tiny LLaMA greedy decode per token, batch {extra['batch']}, 7 "
+                    f"projections adapted | | {fmt_time(base)} | {peft} | {svk_cell} |")
+    return rows
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) not in (1, 2):
+    readme = "--readme" in argv
+    argv = [a for a in argv if a != "--readme"]
+    if len(argv) not in (1, 2) or (readme and len(argv) != 1):
         print(__doc__)
         return 2
     runs = [json.loads(pathlib.Path(p).read_text()) for p in argv]
-    lines = summarize(runs[0]) if len(runs) == 1 else before_after(*runs)
+    if readme:
+        lines = readme_rows(runs[0])
+    else:
+        lines = summarize(runs[0]) if len(runs) == 1 else before_after(*runs)
     print("\n".join(lines))
     return 0
 

@@ -290,6 +290,27 @@ def test_before_after_table(tmp_path):
     assert summary.main([str(p) for p in paths]) == 0
 
 
+def test_readme_rows_from_the_host_and_decode_families():
+    rows = []
+    for mode, (svk_us, ref_us) in {"fwd": (20, 40), "fwd+bwd": (150, 100)}.items():
+        g = f"host sv_linear lora_xs {mode}"
+        extra = dict(family="host", level="op", case="sv_linear lora_xs", mode=mode, M=1,
+                     in_features=64, out_features=64, rank=8)
+        rows += [result(g, "svk", svk_us / 1e3, **extra), result(g, "reference", ref_us / 1e3,
+                                                                    **extra),
+                 result(g, "base", 5 / 1e3, **extra)]
+    g = "decode batch 4"
+    rows += [result(g, "base", 10.0, family="decode", batch=4),
+             result(g, "svk-lora_xs", 12.0, family="decode", batch=4),
+             result(g, "bank-r10000", 13.0, family="decode", batch=4, distinct=4,
+                    resident=10_000)]
+    host, decode = summary.readme_rows(rows)
+    assert host.startswith("| per call, `sv_linear`, LoRA-XS arguments (core trains), M 1, "
+                           "64→64, r 8: fwd / fwd+bwd | | 5.00 / 5.00 µs | 40.0 / 100 µs | "
+                           "20.0 / 150 µs (0.50× / 1.50× the reference's time) |")
+    assert "lora_xs 1.20× the base" in decode and "1.30× (4 of 10 000 resident)" in decode
+
+
 def test_markdown_words_the_reference_column():
     table = "\n".join(summary.markdown(_classic_run()))
     assert "0.75× = 1.33× slower" in table and "1.20× faster" in table
