@@ -229,19 +229,21 @@ class AdapterBank:
                 batch_first = True
         self.batch_first = batch_first
 
+        # Everything that can fail (validation, inject, allocations) comes before the first
+        # bank layer enters the model.
         svk_layers = adapted_layers(model)
-        injected = bool(svk_layers)
-        if injected:
+        if svk_layers:
             _check_injected(model, svk_layers, cfg)
             built = _bank_layers(svk_layers, cfg, capacity, dtype)     # the model is untouched
+            ids_buffer = _ids_buffer(built, max_batch)
             kept = ({name: layer.core.detach() for name, layer in svk_layers.items()}
                     if injected_name is not None else None)
         else:
             # inject converts the model: undo it if anything below refuses.
             with _restored_on_error(model, cfg):
                 _inject(model, cfg, progress)
-                svk_layers = adapted_layers(model)
-                built = _bank_layers(svk_layers, cfg, capacity, dtype)
+                built = _bank_layers(adapted_layers(model), cfg, capacity, dtype)
+                ids_buffer = _ids_buffer(built, max_batch)
             kept = None
 
         self.cfg = cfg
@@ -262,10 +264,9 @@ class AdapterBank:
         # may nest them). _book_lock: the slot tables and which slots the serving thread uses.
         self._serve_lock = threading.RLock()
         self._book_lock = threading.Lock()
-        self._blocks: list[_Block] = []             # the serving thread's open blocks, innermost last
-        self.ids_buffer = torch.full((max_batch,), -1, dtype=torch.int64,
-                                     device=self._device())
-        self._views: dict = {}                      # shape -> the same view of ids_buffer
+        self._blocks: list[_Block] = []     # the serving thread's open blocks, innermost last
+        self.ids_buffer = ids_buffer
+        self._views: dict = {}              # shape -> the same view of ids_buffer, every time
         if kept is not None:
             self.add(injected_name, {f"{n}.core": core for n, core in kept.items()})
 
@@ -679,6 +680,11 @@ def _bank_layers(svk_layers, cfg, capacity, dtype) -> "OrderedDict[str, BankLine
         (name, BankLinear(layer.weight, layer.bias, layer.a, layer.s, layer.b, layer.scaling,
                           capacity, dtype=dtype, backend=cfg.backend, name=name))
         for name, layer in svk_layers.items())
+
+
+def _ids_buffer(built, max_batch) -> torch.Tensor:
+    device = next(iter(built.values())).weight.device
+    return torch.full((max_batch,), -1, dtype=torch.int64, device=device)
 
 
 def _inject(model, cfg, progress):
