@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from benchmarks.summary import markdown, summarize  # noqa: E402
-from benchmarks.utils import quantile  # noqa: E402
+from benchmarks.utils import force_strategy, quantile  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 
@@ -44,6 +44,15 @@ def svk_results(request):
     if not hasattr(request.config, "_svk_results"):
         request.config._svk_results = []
     return request.config._svk_results
+
+
+@pytest.fixture
+def svk_strategy():
+    """force_strategy(name) for one test; the previous SVK_STRATEGY is restored (and read
+    again) afterwards. Setting the variable alone no longer works: svk reads it once."""
+    previous = os.environ.get("SVK_STRATEGY")
+    yield force_strategy
+    force_strategy(previous)
 
 
 def results_path(config, device) -> pathlib.Path:

@@ -76,14 +76,14 @@ def merged_rows(x, weight, bias, a, s, b, cores, ids, scaling):
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("resident", RESIDENT)
 @pytest.mark.parametrize("shape", LAYER_SHAPES, ids=lambda s: "M{}-in{}-out{}".format(*s))
-def test_bank_layer_decode(benchmark, monkeypatch, provider, resident, shape):
+def test_bank_layer_decode(benchmark, svk_strategy, provider, resident, shape):
     m, in_f, out_f = shape
     if provider == "native" and not _native_ok():
         pytest.skip("the native op did not build (see python -m svk.info)")
     if provider in ("reference", "merge") and CUDA and m > 16:
         pytest.skip("a loop over 256 adapters per layer: orders of magnitude off, and slow")
     if provider.startswith("svk-"):
-        monkeypatch.setenv("SVK_STRATEGY", provider.split("-")[1])
+        svk_strategy(provider.split("-")[1])
     benchmark.group = f"bank layer decode M{m} in{in_f} out{out_f} r{RANK} resident{resident}"
     g = torch.Generator(device=DEVICE).manual_seed(0)
 

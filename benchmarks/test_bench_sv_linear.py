@@ -60,9 +60,9 @@ def forward(provider, t):
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("method", list(TRAINABLE))
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "M{}-in{}-out{}-r{}".format(*s))
-def test_sv_linear(benchmark, monkeypatch, provider, mode, method, shape):
+def test_sv_linear(benchmark, svk_strategy, provider, mode, method, shape):
     if "-" in provider:
-        monkeypatch.setenv("SVK_STRATEGY", provider.split("-")[1])
+        svk_strategy(provider.split("-")[1])
         if provider.endswith("one_pass") and shape[3] > 128:
             pytest.skip("one-pass keeps the rank in registers (r ≤ 128)")
     benchmark.group = f"sv_linear {mode} {method} " + "M{} in{} out{} r{}".format(*shape)

@@ -18,7 +18,6 @@ svk.ops._dispatch.choose_strategy finds them:
                      measured point above it (null: merged never won at the largest sizes)
 """
 import json
-import os
 import pathlib
 import sys
 
@@ -26,6 +25,7 @@ import torch
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from benchmarks.utils import force_strategy  # noqa: E402
 
 SHAPES = [(4096, 4096, 16), (4096, 4096, 64), (4096, 11008, 64), (11008, 4096, 64)]
 ROWS = [1, 16, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]
@@ -50,7 +50,7 @@ def time_strategies(shapes=SHAPES, rows=ROWS, dtype=torch.bfloat16, on_shape=Non
             x = torch.randn(m, in_f, device="cuda", generator=g).to(dtype).requires_grad_()
             dy = torch.randn(m, out_f, device="cuda", generator=g).to(dtype)
             for strategy in STRATEGIES:
-                os.environ["SVK_STRATEGY"] = strategy
+                force_strategy(strategy)      # svk reads SVK_STRATEGY once: set and reload
 
                 def step():
                     y = svk.sv_linear(x, weight, a, s, b, core=core)
@@ -62,7 +62,7 @@ def time_strategies(shapes=SHAPES, rows=ROWS, dtype=torch.bfloat16, on_shape=Non
                       flush=True)
         if on_shape is not None:
             on_shape(results)
-    os.environ.pop("SVK_STRATEGY", None)
+    force_strategy(None)
     return results
 
 

@@ -5,6 +5,7 @@ each round, plus `triton.testing.do_bench` (median, p20, p80 in ms) recorded in 
 which the results table prefers. Every result carries provider, shape, dtype, device and
 versions in `benchmark.extra_info`.
 """
+import os
 import platform
 
 import torch
@@ -13,6 +14,18 @@ import torch
 def median_ms(bench):
     """A result's median in ms: do_bench's on CUDA (extra_info), pytest-benchmark's else."""
     return bench["extra_info"].get("median_ms", bench["stats"]["median"] * 1e3)
+
+
+def force_strategy(strategy):
+    """Sets (None: clears) SVK_STRATEGY and makes svk read it again: svk reads its settings
+    once per process (svk.ops._dispatch.reload_settings; older versions read the variable on
+    every call, hence the fallback)."""
+    if strategy is None:
+        os.environ.pop("SVK_STRATEGY", None)
+    else:
+        os.environ["SVK_STRATEGY"] = strategy
+    from svk.ops import _dispatch
+    getattr(_dispatch, "reload_settings", lambda: None)()
 
 
 def floor_ms(extra):

@@ -3,6 +3,7 @@ the plots of a results file, the strategy cut-offs, and the run's summary, wordi
 output location (benchmarks/summary.py, benchmarks/conftest.py, benchmarks/utils.py) on
 hand-made results: no timing, no asserts on speed."""
 import json
+import os
 import pathlib
 import types
 
@@ -366,6 +367,21 @@ def test_as_result_has_the_json_schema():
     assert median_ms(bench) == pytest.approx(3.0)
     assert bench["extra_info"]["p20_ms"] == pytest.approx(1.8)
     assert bench["stats"]["rounds"] == 5 and bench["group"] == "g"
+
+
+def test_force_strategy_makes_svk_read_the_variable_again(monkeypatch):
+    from benchmarks.utils import force_strategy
+    from svk.ops import _dispatch
+    monkeypatch.delenv("SVK_STRATEGY", raising=False)
+    settings = getattr(_dispatch, "SETTINGS", None)
+    try:
+        force_strategy("fused")
+        assert os.environ["SVK_STRATEGY"] == "fused"
+        if hasattr(settings, "strategy"):       # svk that reads its settings once
+            assert settings.strategy == "fused"
+    finally:
+        force_strategy(None)
+    assert getattr(settings, "strategy", None) is None
 
 
 # Where the results go ---------------------------------------------------------------------
