@@ -311,11 +311,7 @@ def test_unload_merged_saves_and_loads_with_transformers(arch, method, tmp_path)
     assert inject(loaded, _cfg("lora", "all-linear"), progress=False).layers
 
 
-@pytest.mark.parametrize("method", [
-    pytest.param(m, marks=pytest.mark.xfail(
-        reason="MoSARALinear.forward (svk/nn/frozen_basis.py) does not check adapter_disabled "
-               "yet; fix reported to the owner", strict=False)) if m == "mosara" else m
-    for m in METHOD_NAMES])
+@pytest.mark.parametrize("method", METHOD_NAMES)
 def test_unload_unmerged_and_disable_adapter_give_the_original_base(method):
     targets = ["q_proj", "v_proj", "down_proj"]
     base, model = _llama(), _llama()

@@ -8,7 +8,7 @@ import numbers
 import re
 from dataclasses import dataclass, field
 
-HPARAM_NAMES = ("rank", "alpha", "tau", "heads", "perc", "criterion", "beta", "gamma")
+HPARAM_NAMES = ("rank", "alpha", "tau", "heads", "perc", "criterion", "beta", "gamma", "init")
 CRITERIA = ("sum", "energy")
 BACKENDS = ("auto", "triton", "torch")
 # PEFT's shorthand (case-insensitive, as in PEFT): every nn.Linear / Conv1D except the output
@@ -75,7 +75,8 @@ class AdapterConfig:
         nn.Linear and GPT-2 Conv1D modules are adapted.
     Hyperparameters (None = the method's paper default; giving one the method does not use is
     an error): rank, alpha (LoRA-XS, KaSA, LoRA), tau (SARA 0.01, Mo-SARA 0.5), heads (Mo-SARA
-    5), perc and criterion (SiVA 0.95, "sum" | "energy"), beta and gamma (KaSA 1e-4, 1e-3).
+    5), perc and criterion (SiVA 0.95, "energy" | "sum"), beta and gamma (KaSA 1e-4, 1e-3),
+    init (SARA: "paper" | "v_zero").
     modules_to_save: names of modules (matched like target_modules' names) that are not adapted
         but train in full and are stored in the adapter file, e.g. a classifier head
         (PEFT's ``modules_to_save``); None for none.
@@ -94,6 +95,7 @@ class AdapterConfig:
     criterion: str | None = None
     beta: float | None = None
     gamma: float | None = None
+    init: str | None = None
     modules_to_save: list[str] | None = None
     backend: str = "auto"
     seed: int | None = 0

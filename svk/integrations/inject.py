@@ -251,7 +251,9 @@ def _build(targets, cfg: AdapterConfig, hp: dict, progress) -> dict:
                 weights = [linear_weight(t.module) for t in chunk]
                 device = weights[0][0].device
                 generator = None
-                if cfg.seed is not None:
+                # A meta model holds no values: nothing to seed (the SVD-based methods refuse
+                # it in svk.linalg; LoRA's random factors are meta tensors too).
+                if cfg.seed is not None and device.type != "meta":
                     if device not in generators:
                         generators[device] = torch.Generator(device=device).manual_seed(cfg.seed)
                     generator = generators[device]
@@ -379,8 +381,14 @@ def unmerge(model: nn.Module) -> None:
 
 def regularization_loss(model: nn.Module, reduction: str = "mean") -> Tensor:
     """Sum of the adapted layers' auxiliary losses (KaSA's regulariser; zero for the other
-    methods), averaged over the L adapted layers (reduction="mean", as the KaSA reference code
-    does) or summed ("sum", as PEFT's ``_get_kasa_loss`` does). Add it to the task loss."""
+    methods). Add it to the task loss.
+
+    reduction="sum" equals PEFT's ``_get_kasa_loss`` exactly. reduction="mean" divides by the
+    number L of adapted layers, as the KaSA reference code (juyongjiang/KaSA, ``loss_fn``)
+    does, but each layer's term is the paper's r×r form (as PEFT's), not the reference code's
+    in×in / out×out Gram form, whose value differs (MiniLM-L6 q/v, r 8: 7.4× at
+    initialisation). For the reference code's value, average
+    ``layer.regularization_loss(form="reference")`` over the KaSA layers."""
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     layers = list(_require_layers(model).values())

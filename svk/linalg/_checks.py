@@ -22,6 +22,10 @@ def check_matrix(W, name: str = "W") -> None:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(W).__name__}")
     if not W.is_floating_point():
         raise TypeError(f"{name} must have a floating dtype (float64/32/16, bfloat16), got {W.dtype}")
+    if W.is_meta:
+        raise TypeError(f"{name} is on the meta device, which holds no values to decompose: "
+                        "initialise SVD-based adapters (LoRA-XS, SARA, Mo-SARA, KaSA, SiVA, "
+                        "PiSSA) on a model with real weights (LoRA injects into a meta model)")
     if W.ndim < 2:
         raise ValueError(f"{name} must have shape (m, n) or (..., m, n), got ndim={W.ndim} "
                          f"(shape {tuple(W.shape)})")

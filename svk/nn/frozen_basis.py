@@ -15,10 +15,13 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from svk.nn import _spectral
 from svk.nn.base import SVLinear, adapter_dtype, kaiming_uniform, normal, uniform
+from svk.ops import _checks, _dispatch
+from svk.ops.sv_mixture_linear import run as _run_mixture
 from svk.ops.sv_mixture_linear import sv_mixture_linear
 
 
@@ -127,10 +130,22 @@ class MoSARALinear(SVLinear):
         return self.lambdas.shape[0]
 
     def forward(self, x: Tensor) -> Tensor:
+        args = self._validated
+        if self.adapter_disabled:
+            return F.linear(x, self.weight, self.bias)
+        if args is None or self.record_gates or _dispatch.autocast_dtype(x) is not None:
+            return self._checked_forward(x)
+        # Validated once (below); per call only x, as SVLinear.forward.
+        _checks.activation(x, args[0])
+        return _run_mixture(x, *args)
+
+    def _checked_forward(self, x: Tensor) -> Tensor:
         y, gates = _mixture(x, self.weight, self.a, self.lambdas, self.gate_in, self.gate_out,
                             self.b, bias=self.bias, out_scale=self.out_scale,
                             scaling=self.scaling, backend=self.backend,
                             return_gates=self.record_gates)
+        self._validated = (self.weight, self.a, self.lambdas, self.gate_in, self.gate_out,
+                           self.b, self.bias, self.out_scale, float(self.scaling), self.backend)
         if self.record_gates:
             self.last_gates = gates.detach().float().reshape(-1, self.heads).mean(0)
         return y
