@@ -308,6 +308,18 @@ def test_blocks_ending_out_of_order_raise_and_leave_the_bank_consistent(setup):
         pass
 
 
+@torch.no_grad()
+def test_copied_bank_model_is_inactive_and_the_bank_unaffected(setup):
+    model, bank = make_bank(setup)
+    tokens = tokens_for(1, seed=15)
+    with bank.activate(["user2"]):
+        copied = copy.deepcopy(model)         # serving state is never copied
+        with pytest.raises(RuntimeError, match="outside `with bank.activate"):
+            copied(tokens)
+        torch.testing.assert_close(model(tokens).logits, expected_logits(setup, tokens, [2]),
+                                   **TOL)
+
+
 # ---- an empty bank --------------------------------------------------------------------------
 @torch.no_grad()
 def test_empty_bank_serves_the_base_model_and_refuses_empty_slots(setup):

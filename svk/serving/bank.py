@@ -73,6 +73,11 @@ class _Serving(threading.local):
     layout = _AS_GIVEN
     merged = False      # inside bank.merged(name): the layers run their merged weights
 
+    def __reduce__(self):
+        # A copied or pickled model (copy.deepcopy, torch.save(model)) gets an inactive state
+        # of its own: serving state belongs to a bank and a thread, never to a file.
+        return _Serving, ()
+
 
 class _Block:
     """One open activate/merged block: what the layers serve while it is the innermost."""
