@@ -25,7 +25,10 @@ The serving model (what a decode step costs, threads, compiled and captured grap
   one sv_bank_linear call per adapted layer and nothing else: BankLinear.forward reads two
   attributes and calls the op. Because the storage never moves, a compiled model
   (torch.compile) or a captured CUDA graph keeps reading the ids the latest `activate` wrote:
-  capture once per batch size, then `with bank.activate(new_ids): graph.replay()`.
+  warm up (`bank.warmup(batch_sizes)`), capture once per batch size inside `activate`, then
+  `with bank.activate(new_ids): graph.replay()`.
+- One user for whole batches: `with bank.merged(name):` runs every bank layer as one GEMM with
+  that adapter merged (out of place: one extra copy of the adapted weights while open).
 - Threads: activation state is per thread, and `activate` blocks serialise: a thread's block
   waits until another thread's block has ended (one ids buffer, one batch at a time; pass
   `timeout=` to get a RuntimeError instead of waiting). A forward in a thread that has not
