@@ -339,6 +339,27 @@ def test_empty_bank_serves_the_base_model_and_refuses_empty_slots(setup):
             pass
 
 
+def test_file_from_a_base_with_the_same_spectrum_is_refused(setup, tmp_path):
+    """A base whose adapted weights have their rows permuted has the same singular values
+    (the file's s passes) but other singular vectors: the base fingerprint refuses it."""
+    from svk.integrations import save_adapter
+    base = setup[0]
+    other = copy.deepcopy(base)
+    with torch.no_grad():
+        for name, module in other.named_modules():
+            if CFG.matches(name):
+                module.weight.copy_(module.weight.flip(0))
+    inject(other, CFG, progress=False)
+    save_adapter(other, tmp_path / "permuted.safetensors")
+    model, bank = make_bank(setup)
+    with pytest.raises(ValueError, match="base weight differs"):
+        bank.add("permuted", tmp_path / "permuted.safetensors")
+    assert "permuted" not in bank
+    same = copy.deepcopy(setup[2][0])                 # the bank's own base: accepted
+    save_adapter(same, tmp_path / "same.safetensors")
+    assert bank.add("same", tmp_path / "same.safetensors") == 3
+
+
 # ---- a bank on a model already injected -------------------------------------------------------
 @torch.no_grad()
 def test_bank_keeps_an_injected_models_cores(setup):

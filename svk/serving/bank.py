@@ -275,6 +275,7 @@ class AdapterBank:
         self._blocks: list[_Block] = []     # the serving thread's open blocks, innermost last
         self.ids_buffer = ids_buffer
         self._views: dict = {}              # shape -> the same view of ids_buffer, every time
+        self._sketches: dict = {}           # layer name -> the base weight's fingerprint sketch
         if kept is not None:
             self.add(injected_name, {f"{n}.core": core for n, core in kept.items()})
 
@@ -361,6 +362,7 @@ class AdapterBank:
             adapter = read_adapter(adapter)
         if isinstance(adapter, AdapterFile):
             self._check_metadata(adapter)
+            self._check_base(adapter)
             tensors = adapter.tensors
         elif isinstance(adapter, dict):
             tensors = adapter
@@ -408,6 +410,24 @@ class AdapterBank:
             if not math.isclose(meta["scaling"], layer.scaling, rel_tol=1e-9):
                 raise ValueError(f"layer {layer_name!r}: scaling {layer.scaling} in the bank but "
                                  f"{meta['scaling']} in the file (different alpha)")
+
+    def _check_base(self, file) -> None:
+        """A format-2 file's base-weight fingerprint of every layer against the bank's
+        weight: catches a base the singular values alone do not tell apart (the same spectrum,
+        other singular vectors). The bank's sketches are computed once per layer (one pass
+        over each weight), not once per added adapter."""
+        from svk.integrations import adapter_io
+        from svk.integrations._fingerprint import sketch
+        if file.format_version == "1":
+            return                          # format 1 records no fingerprint
+        for layer_name, layer in self.layers.items():
+            stored = file.tensors.get(f"{layer_name}.{adapter_io.FINGERPRINT_SUFFIX}")
+            if layer_name not in file.layers or stored is None:
+                continue                    # reported with the missing/unexpected cores
+            ours = self._sketches.get(layer_name)
+            if ours is None:
+                ours = self._sketches[layer_name] = sketch(layer.weight)
+            adapter_io._check_fingerprint(layer_name, file, stored, ours, layer.weight.dtype)
 
     # ---- serving ----------------------------------------------------------------------
     def ids(self, adapters) -> torch.Tensor:
