@@ -162,15 +162,18 @@ def test_incompatible_adapters_are_refused(setup, tmp_path):
     save_adapter(other, tmp_path / "q.safetensors")
     with pytest.raises(ValueError, match="adapter layers differ"):
         bank.add("q", tmp_path / "q.safetensors")
-    # Different base weights: the singular values recorded in the file do not match.
+    # Different base weights: the file's base fingerprint (format 2) does not match; without
+    # it (a state dict holding s), the singular values do not.
     other = tiny_llama()
     with torch.no_grad():
         for p in other.parameters():
             p.mul_(1.5)
     inject(other, CFG, progress=False)
     save_adapter(other, tmp_path / "base.safetensors")
-    with pytest.raises(ValueError, match="different base model"):
+    with pytest.raises(ValueError, match="base weight differs from the one the adapter was"):
         bank.add("base", tmp_path / "base.safetensors")
+    with pytest.raises(ValueError, match="different base model"):
+        bank.add("base", dict(read_adapter(tmp_path / "base.safetensors").tensors))
     # Frozen a/b stored in the file must be the bank's.
     file = read_adapter(paths[0])
     name = next(iter(bank.layers))
