@@ -7,7 +7,8 @@ batch whose rows belong to different users (and one to the base model): every ro
 its own user's task. Then one user's whole batch runs through merged weights (bank.merged:
 one GEMM per layer, the base model's cost), and a compiled decode step serves new users
 without recompiling (activate rewrites the bank's ids buffer in place; the same holds for a
-captured CUDA graph). Runs on CPU in a minute or two:
+captured CUDA graph). Runs on CPU in a few minutes (training the three adapters and one
+compilation take most of it):
 
     python examples/serve_many_adapters.py
 """
