@@ -360,6 +360,22 @@ def test_file_from_a_base_with_the_same_spectrum_is_refused(setup, tmp_path):
     assert bank.add("same", tmp_path / "same.safetensors") == 3
 
 
+@torch.no_grad()
+def test_a_non_finite_adapter_does_not_reach_base_rows(setup):
+    """Issue 14 item 6 through the bank: a NaN adapter in slot 0 leaves every -1 row the base
+    model's output, exactly (same batch, same GEMMs, plus an exact zero)."""
+    base = setup[0]
+    model = copy.deepcopy(base)
+    bank = AdapterBank(model, CFG, capacity=2)
+    bank.add("bad", {f"{n}.core": torch.full((4, 4), float("nan")) for n in bank.layers})
+    tokens = tokens_for(3, length=2, seed=16)
+    with bank.activate([-1, "bad", -1]):
+        logits = model(tokens).logits
+    assert logits[1].isnan().all()
+    expected = base(tokens).logits
+    torch.testing.assert_close(logits[0::2], expected[0::2], rtol=0, atol=0)
+
+
 # ---- a bank on a model already injected -------------------------------------------------------
 @torch.no_grad()
 def test_bank_keeps_an_injected_models_cores(setup):
