@@ -65,7 +65,7 @@ def test_gpu_cuda_graph_capture():
 def test_gpu_opcheck(strategy):
     t = cuda_inputs(lead=(33,), in_f=64, out_f=48, r=8, dtype=torch.bfloat16)
     args = (t["x"], t["weight"], t["a"], t["s"], t["b"], t["bias"], t["core"], t["out_scale"],
-            0.5, strategy)
+            0.5, 0.0, 0, strategy)
     torch.library.opcheck(torch.ops.svk.sv_linear.default, args)
 
 

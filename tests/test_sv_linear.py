@@ -297,7 +297,7 @@ def test_opcheck_torch_path():
     from svk.ops.sv_linear import _forward  # noqa: F401  (registers the op)
     t = make_inputs(lead=(5,), in_f=9, out_f=7, r=3)
     args = (t["x"], t["weight"], t["a"], t["s"], t["b"], t["bias"], t["core"], t["out_scale"],
-            0.5, "torch")
+            0.5, 0.0, 0, "torch")
     torch.library.opcheck(torch.ops.svk.sv_linear.default, args)
 
 

@@ -392,7 +392,7 @@ def test_triton_rejects_float64():
 def test_opcheck_torch_path():
     """torch.library.opcheck: schema, fake kernel and autograd registration agree."""
     t = make_inputs(lead=(5,), in_f=9, out_f=7, r=3, m=2)
-    args = tuple(t[n] for n in NAMES) + (0.5, "torch")
+    args = tuple(t[n] for n in NAMES) + (0.5, 0.0, 0, "torch")
     torch.library.opcheck(torch.ops.svk.sv_mixture_linear.default, args)
 
 
@@ -469,7 +469,7 @@ def test_gpu_mosara_sized_rank(monkeypatch, fuse_t):
 @pytest.mark.gpu
 def test_gpu_opcheck_fused():
     t = make_inputs(lead=(33,), in_f=64, out_f=48, r=24, m=3, dtype=torch.bfloat16)
-    args = tuple(t[n] for n in NAMES) + (0.5, "fused")
+    args = tuple(t[n] for n in NAMES) + (0.5, 0.0, 0, "fused")
     torch.library.opcheck(torch.ops.svk.sv_mixture_linear.default, args)
 
 

@@ -80,6 +80,9 @@ class AdapterConfig:
     modules_to_save: names of modules (matched like target_modules' names) that are not adapted
         but train in full and are stored in the adapter file, e.g. a classifier head
         (PEFT's ``modules_to_save``); None for none.
+    dropout: adapter dropout in [0, 1) (PEFT's lora_dropout), on the adapter path's input
+        while training; the base GEMM sees x. 0.0 by default; the papers use 0.05 (SARA,
+        Mo-SARA and KaSA on LLaMA; KaSA 0.1 for NLG).
     backend: passed to the fused ops ("auto" | "triton" | "torch").
     seed: seeds the randomized SVD and the random initial factors, so that injecting the same
         config into the same base model gives the same adapter (None: global RNG).
@@ -97,6 +100,7 @@ class AdapterConfig:
     gamma: float | None = None
     init: str | None = None
     modules_to_save: list[str] | None = None
+    dropout: float = 0.0
     backend: str = "auto"
     seed: int | None = 0
     _pattern: re.Pattern | None = field(default=None, init=False, repr=False, compare=False)
@@ -137,6 +141,8 @@ class AdapterConfig:
                 raise TypeError("modules_to_save must be a list of module names, got "
                                 f"{self.modules_to_save!r}")
             self.modules_to_save = list(self.modules_to_save)
+        from svk.ops._checks import dropout as _check_dropout
+        self.dropout = _check_dropout(self.dropout)
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.seed is not None and (isinstance(self.seed, bool)

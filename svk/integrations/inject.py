@@ -20,7 +20,8 @@ from torch import Tensor, nn
 
 from svk.integrations import _state_dict
 from svk.integrations.config import AdapterConfig
-from svk.nn.base import SVLinear, is_adaptable, is_conv1d, linear_weight
+from svk.nn.base import SVLinear, is_adaptable, is_conv1d
+from svk.nn.quantized import base_weight, builder, weight_spec
 
 logger = logging.getLogger("svk")
 
@@ -212,7 +213,7 @@ def _check_ranks(targets, cfg: AdapterConfig, hp: dict) -> None:
         return
     bad = []
     for target in targets:
-        out_features, in_features = linear_weight(target.module)[0].shape
+        out_features, in_features = weight_spec(target.module)[0]
         limit = min(out_features, in_features) - headroom
         if hp["rank"] > limit:
             bad.append(f"{target.name} ({out_features}×{in_features}, rank ≤ {limit})")
@@ -229,8 +230,8 @@ def _groups(targets):
     fp32 stack stays under _CHUNK_BYTES."""
     groups: OrderedDict = OrderedDict()
     for target in targets:
-        weight, _ = linear_weight(target.module)
-        groups.setdefault((tuple(weight.shape), weight.dtype, weight.device), []).append(target)
+        # (shape, dtype, device) of the dense or dequantized weight (quantized: svk.nn.quantized)
+        groups.setdefault(weight_spec(target.module), []).append(target)
     for (shape, _, _), members in groups.items():
         per_chunk = max(1, _CHUNK_BYTES // (4 * shape[0] * shape[1]))
         for start in range(0, len(members), per_chunk):
@@ -248,7 +249,7 @@ def _build(targets, cfg: AdapterConfig, hp: dict, progress) -> dict:
     try:
         with torch.no_grad():
             for chunk in _groups(targets):
-                weights = [linear_weight(t.module) for t in chunk]
+                weights = [base_weight(t.module) for t in chunk]
                 device = weights[0][0].device
                 generator = None
                 # A meta model holds no values: nothing to seed (the SVD-based methods refuse
@@ -261,9 +262,9 @@ def _build(targets, cfg: AdapterConfig, hp: dict, progress) -> dict:
                 factors = cls.init_factors(stack, hp, generator=generator)
                 del stack
                 for target, (weight, bias), layer_factors in zip(chunk, weights, factors):
-                    built[target.name] = cls.build(weight, bias, layer_factors, hp,
-                                                   backend=cfg.backend,
-                                                   from_conv1d=is_conv1d(target.module))
+                    built[target.name] = builder(cls, target.module).build(
+                        weight, bias, layer_factors, hp, backend=cfg.backend,
+                        dropout=cfg.dropout, from_conv1d=is_conv1d(target.module))
                     bar.update(1)
     finally:
         bar.close()

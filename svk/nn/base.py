@@ -93,7 +93,7 @@ class SVLinear(nn.Module):
 
     def __init__(self, weight: Tensor, bias: Tensor | None = None, *, scaling: float = 1.0,
                  trainable=None, backend: str = "auto", hparams: dict | None = None,
-                 base_removed: tuple[Tensor, Tensor] | None = None,
+                 base_removed: tuple[Tensor, Tensor] | None = None, dropout: float = 0.0,
                  **tensors: Tensor | None):
         super().__init__()
         unknown = set(tensors) - set(ADAPTER_TENSORS)
@@ -123,6 +123,9 @@ class SVLinear(nn.Module):
                     requires_grad=name in trainable))
         self.scaling = float(scaling)
         self.backend = backend
+        # Adapter dropout (PEFT's lora_dropout): applied to the adapter path's input while
+        # training; the base GEMM always sees x.
+        self.dropout = _checks.dropout(dropout)
         self.hparams = dict(hparams or {})
         self.merged = False
         # True when built from a GPT-2 Conv1D ((in, out) weight): export and unload use it.
@@ -172,7 +175,8 @@ class SVLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Module, *, backend: str = "auto",
-                    generator: torch.Generator | None = None, **hparams) -> "SVLinear":
+                    generator: torch.Generator | None = None, dropout: float = 0.0,
+                    **hparams) -> "SVLinear":
         """Wraps an nn.Linear or a GPT-2 Conv1D. The base weight is shared with ``linear``
         for nn.Linear (and frozen) unless the method rewrites it; Conv1D weights are copied
         once into (out, in) layout. Hyperparameters by name, defaults from the papers."""
@@ -180,11 +184,12 @@ class SVLinear(nn.Module):
         weight, bias = linear_weight(linear)
         factors = cls.init_factors(weight.detach()[None], hp, generator=generator)[0]
         return cls.build(weight, bias, factors, hp, backend=backend,
-                         from_conv1d=is_conv1d(linear))
+                         from_conv1d=is_conv1d(linear), dropout=dropout)
 
     @classmethod
     def build(cls, weight: Tensor, bias: Tensor | None, factors: dict, hp: dict, *,
-              backend: str = "auto", from_conv1d: bool = False) -> "SVLinear":
+              backend: str = "auto", from_conv1d: bool = False,
+              dropout: float = 0.0) -> "SVLinear":
         factors = dict(factors)
         new_weight = factors.pop("weight", None)
         removed = factors.pop("base_removed", None)
@@ -194,7 +199,7 @@ class SVLinear(nn.Module):
             weight = weight.contiguous()
         rank = factors["a"].shape[0]
         layer = cls(weight, bias, scaling=cls.scaling_for(hp, rank), backend=backend,
-                    hparams=hp, base_removed=removed, **factors)
+                    hparams=hp, base_removed=removed, dropout=dropout, **factors)
         layer.from_conv1d = from_conv1d
         return layer
 
@@ -209,13 +214,17 @@ class SVLinear(nn.Module):
             return self._checked_forward(x)
         # The layer's own tensors were validated once (_checked_forward); per call only x.
         _checks.activation(x, args[0])
+        if self.training and self.dropout:
+            return _run_sv_linear(x, *args, self.dropout)
         return _run_sv_linear(x, *args)
 
     def _checked_forward(self, x: Tensor) -> Tensor:
         """The op with every argument check. When it passes, the op's arguments are kept as a
         tuple (module attribute lookups cost host time) and later calls check only x."""
+        extra = {"dropout": self.dropout} if self.training and self.dropout else {}
         y = self.op(x, self.weight, self.a, self.s, self.b, bias=self.bias, core=self.core,
-                    out_scale=self.out_scale, scaling=self.scaling, backend=self.backend)
+                    out_scale=self.out_scale, scaling=self.scaling, backend=self.backend,
+                    **extra)
         if self.op is sv_linear:
             self._validated = (self.weight, self.a, self.s, self.b, self.bias, self.core,
                                self.out_scale, float(self.scaling), self.backend)
@@ -255,10 +264,11 @@ class SVLinear(nn.Module):
         return sum(p.numel() for p in self.adapter_tensors().values() if p.requires_grad)
 
     def extra_repr(self) -> str:
+        dropout = f", dropout={self.dropout:g}" if self.dropout else ""
         return (f"method={self.method!r}, in_features={self.in_features}, "
                 f"out_features={self.out_features}, rank={self.rank}, "
                 f"trainable={self.num_trainable()} ({'+'.join(self.trainable_names())}), "
-                f"scaling={self.scaling:g}, merged={self.merged}")
+                f"scaling={self.scaling:g}, merged={self.merged}{dropout}")
 
     def regularization_loss(self) -> Tensor:
         """The method's auxiliary loss for this layer (zero unless the method has one)."""

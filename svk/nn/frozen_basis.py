@@ -137,13 +137,14 @@ class MoSARALinear(SVLinear):
             return self._checked_forward(x)
         # Validated once (below); per call only x, as SVLinear.forward.
         _checks.activation(x, args[0])
-        return _run_mixture(x, *args)
+        return _run_mixture(x, *args, False, self.dropout if self.training else 0.0)
 
     def _checked_forward(self, x: Tensor) -> Tensor:
         y, gates = _mixture(x, self.weight, self.a, self.lambdas, self.gate_in, self.gate_out,
                             self.b, bias=self.bias, out_scale=self.out_scale,
                             scaling=self.scaling, backend=self.backend,
-                            return_gates=self.record_gates)
+                            return_gates=self.record_gates,
+                            dropout=self.dropout if self.training else 0.0)
         self._validated = (self.weight, self.a, self.lambdas, self.gate_in, self.gate_out,
                            self.b, self.bias, self.out_scale, float(self.scaling), self.backend)
         if self.record_gates:
@@ -163,9 +164,9 @@ class MoSARALinear(SVLinear):
 
 
 def _mixture(x, weight, a, lambdas, gate_in, gate_out, b, *, bias, out_scale, scaling, backend,
-             return_gates):
+             return_gates, dropout=0.0):
     """One call of the fused Mo-SARA op; (y, gates (…, m) or None)."""
     out = sv_mixture_linear(x, weight, a, lambdas, gate_in, gate_out, b, bias=bias,
                             out_scale=out_scale, scaling=scaling, backend=backend,
-                            return_gates=return_gates)
+                            return_gates=return_gates, dropout=dropout)
     return out if return_gates else (out, None)

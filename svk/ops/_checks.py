@@ -52,6 +52,17 @@ def scaling(value):
     return value
 
 
+def dropout(value):
+    """A probability in [0, 1), returned as a Python float."""
+    if isinstance(value, float) and 0.0 <= value < 1.0:
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"dropout must be a real number, got {type(value).__name__}")
+    if not 0.0 <= float(value) < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {value!r}")
+    return float(value)
+
+
 def activation(x, weight):
     """x (..., in) against a weight already validated: floating, same dtype, same device."""
     if not isinstance(x, torch.Tensor):

@@ -37,6 +37,21 @@ def up_projection_grad(dy, b, out_scale, scaling, acc):
     return du if scaling == 1.0 else du.mul_(scaling)
 
 
+def dropout_keep(shape, like, p, seed):
+    """The adapter-input dropout mask of `shape` (M, in) in like's dtype and device, scaled:
+    kept entries 1/(1 − p), dropped 0. Drawn from a generator seeded with `seed`, so the
+    backward regenerates the very mask the forward used instead of storing it."""
+    generator = torch.Generator(device=like.device).manual_seed(seed)
+    keep = torch.rand(shape, generator=generator, device=like.device) >= p
+    return keep.to(like.dtype) * (1.0 / (1.0 - p))
+
+
+def draw_seed():
+    """A dropout seed from torch's default CPU generator (torch.manual_seed makes a call
+    deterministic) without touching a CUDA stream."""
+    return int(torch.randint(0, 2 ** 62, (1,)))
+
+
 def down_projection_rank(a, in_features):
     """a must be (r, in) with r ≥ 1; returns r."""
     if a.dim() != 2 or a.shape[1] != in_features:
@@ -46,11 +61,23 @@ def down_projection_rank(a, in_features):
     return a.shape[0]
 
 
-def input_side_grads(dy, x, weight, a, dt, *, need_x, need_w, need_a, triton, w_eff=None):
+def input_side_grads(dy, x, weight, a, dt, *, need_x, need_w, need_a, triton, w_eff=None,
+                     keep=None):
     """The gradients every op shares once dt (M, r) is known, as (dx, dW, da), None where
     not needed:  dx = dy·W + dt·a (one GEMM-plus-r kernel on the Triton path, or dy·W_eff
-    for the merged strategy),  dW = dyᵀ·x,  da = dtᵀ·x."""
+    for the merged strategy),  dW = dyᵀ·x,  da = dtᵀ·x.
+
+    keep: the adapter-input dropout mask (dropout_keep), or None. With it the adapter saw
+    x ⊙ keep, so dx = dy·W + (dt·a) ⊙ keep and da = dtᵀ·(x ⊙ keep); the base GEMM saw x."""
     dx = dw = da = None
+    if keep is not None:
+        if need_x:
+            dx = torch.addcmul(dy @ weight, cast(dt, dy.dtype) @ cast(a, dy.dtype), keep)
+        if need_w:
+            dw = dy.t() @ x
+        if need_a:
+            da = cast(cast(dt, x.dtype).t() @ (x * keep), a.dtype)
+        return dx, dw, da
     if need_x:
         if w_eff is not None:
             from svk import kernels

@@ -158,6 +158,17 @@ def choose_strategy(m, in_features, out_features, padded_rank, max_epilogue_rank
     return "fused"
 
 
+def dropout_strategy(requested):
+    """The strategy for a call with adapter dropout. The Triton kernels do not draw dropout
+    masks, so auto dispatch runs such calls (training steps) on the PyTorch path, and a
+    forced backend="triton" (or SVK_BACKEND=triton) refuses rather than drop nothing."""
+    if requested == "triton" or (requested == "auto" and SETTINGS.backend == "triton"):
+        raise NotImplementedError(
+            "adapter dropout runs on the PyTorch path only: the Triton kernels do not draw "
+            "dropout masks; use backend='auto' or 'torch', or dropout=0")
+    return "torch"
+
+
 def m_bucket(m):
     """Row counts bucketed to powers of two (up to 65 536) for choices keyed by shape."""
     return 1 << min(max(m - 1, 0).bit_length(), 16)

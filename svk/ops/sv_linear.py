@@ -13,16 +13,18 @@ import torch.nn.functional as F
 from svk.kernels._limits import MAX_EPILOGUE_RANK, rank_pad
 from svk.ops import _checks, _dispatch
 from svk.ops._common import (acc_dtype, add_up_projection, cast, down_projection_rank,
-                             input_side_grads, up_projection_grad)
+                             draw_seed, dropout_keep, input_side_grads, up_projection_grad)
 from svk.ops._common import b_eff as _b_eff
 from svk.ops._library import differentiable_op
 
 
-def _forward(x, weight, a, s, b, bias, core, out_scale, scaling, strategy):
-    """Returns (y, t): y in x's dtype, t = x·aᵀ in fp32 (saved for backward)."""
+def _forward(x, weight, a, s, b, bias, core, out_scale, scaling, dropout, seed, strategy):
+    """Returns (y, t): y in x's dtype, t = x·aᵀ in fp32 (saved for backward). With dropout
+    > 0 the adapter path reads dropout(x) (mask from `seed`); the base GEMM reads x."""
     acc = acc_dtype(x)
     if strategy == "torch":
-        t = cast(F.linear(x, cast(a, x.dtype)), acc)
+        xa = x if dropout == 0.0 else x * dropout_keep(x.shape, x, dropout, seed)
+        t = cast(F.linear(xa, cast(a, x.dtype)), acc)
         u = t * cast(s, acc)
         if core is not None:
             u = F.linear(u, cast(core, acc))
@@ -46,7 +48,8 @@ def _merged_weight(weight, a, s, b_eff, core):
     return torch.addmm(weight.to(b_eff.dtype), b_eff, right).to(weight.dtype)
 
 
-def _backward(dy, x, weight, a, s, b, bias, core, out_scale, t, scaling, strategy, needs):
+def _backward(dy, x, weight, a, s, b, bias, core, out_scale, t, scaling, dropout, seed,
+              strategy, needs):
     """Gradients of (x, weight, a, s, b, bias, core, out_scale), None where not needed.
 
     Forward: t = x·aᵀ, p = t ⊙ s, u = p·coreᵀ, y = x·Wᵀ + bias + u·b_effᵀ with
@@ -61,7 +64,8 @@ def _backward(dy, x, weight, a, s, b, bias, core, out_scale, t, scaling, strateg
       db        = out_scale ⊙ G ;  dout_scale = Σ_r b ⊙ G   (y's term is Σ_r u_r·b_eff[:, r])
 
     Only t is saved (u and p are recomputed from it in O(M·r²)); no (M, out) tensor other
-    than dy exists.
+    than dy exists. With adapter dropout (t = (x ⊙ keep)·aᵀ) the mask is regenerated from
+    its seed: dx = dy·W + (dt·a) ⊙ keep and da = dtᵀ·(x ⊙ keep).
     """
     need_x, need_w, need_a, need_s, need_b, need_bias, need_core, need_os = needs
     acc = acc_dtype(x)
@@ -80,9 +84,11 @@ def _backward(dy, x, weight, a, s, b, bias, core, out_scale, t, scaling, strateg
     dt = dp * sf
     p = t * sf
     grads = [None] * 8
+    keep = dropout_keep((dy.shape[0], weight.shape[1]), dy, dropout, seed) if (
+        dropout != 0.0 and (need_x or need_a)) else None
     grads[0], grads[1], grads[2] = input_side_grads(
         dy, x, weight, a, dt, need_x=need_x, need_w=need_w, need_a=need_a,
-        triton=triton_path, w_eff=w_eff)
+        triton=triton_path, w_eff=w_eff, keep=keep)
     if need_s:
         grads[3] = cast((dp * t).sum(0), s.dtype)
     if need_b or need_os:
@@ -106,7 +112,7 @@ sv_linear_op = differentiable_op(
     "sv_linear",
     args=("x", "weight", "a", "s", "b", "bias", "core", "out_scale"),
     optional=("bias", "core", "out_scale"),
-    scalars=(("scaling", "float"),),
+    scalars=(("scaling", "float"), ("dropout", "float"), ("seed", "int")),
     extras=("t",),
     forward=_forward,
     backward=_backward,
@@ -115,7 +121,7 @@ sv_linear_op = differentiable_op(
 
 
 def sv_linear(x, weight, a, s, b, *, bias=None, core=None, out_scale=None, scaling=1.0,
-              backend="auto"):
+              backend="auto", dropout=0.0):
     """y = x·Wᵀ + bias + scaling·(((x·aᵀ) ⊙ s)·coreᵀ·bᵀ) ⊙ out_scale, fused (DESIGN.md §2).
 
     x (..., in); weight (out, in) and bias (out,) in x's dtype; a (r, in), s (r,), b (out, r),
@@ -124,10 +130,13 @@ def sv_linear(x, weight, a, s, b, *, bias=None, core=None, out_scale=None, scali
     requires grad; saves x and one (M, r) fp32 tensor for backward.
     backend: "auto" (PyTorch on CPU; on CUDA the fastest of PyTorch and the Triton
     strategies, timed once per shape bucket), "triton" or "torch".
+    dropout: probability p of zeroing each element of the adapter path's input (t =
+    dropout(x)·aᵀ; the base GEMM sees x), drawn from torch's default generator; 0 = off.
     """
     x, weight, bias = _dispatch.autocast_base(x, weight, bias)
     check(x, weight, a, s, b, bias, core, out_scale)
-    return run(x, weight, a, s, b, bias, core, out_scale, _checks.scaling(scaling), backend)
+    return run(x, weight, a, s, b, bias, core, out_scale, _checks.scaling(scaling), backend,
+               _checks.dropout(dropout))
 
 
 def check(x, weight, a, s, b, bias, core, out_scale):
@@ -169,16 +178,21 @@ def check(x, weight, a, s, b, bias, core, out_scale):
                         out_scale=out_scale)
 
 
-def run(x, weight, a, s, b, bias, core, out_scale, scaling, backend):
+def run(x, weight, a, s, b, bias, core, out_scale, scaling, backend, dropout=0.0):
     """sv_linear on checked arguments: backend and strategy choice, then one op call."""
+    requested = backend
     backend = _dispatch.resolve_backend(backend, x)
     flat = x.dim() != 2
     x2 = x.reshape(-1, weight.shape[1]) if flat else x
     if backend == "torch":
         strategy = "torch"
+    elif dropout != 0.0:
+        strategy = _dispatch.dropout_strategy(requested)
     else:
         strategy = _strategy(x2, weight, a, s, b, bias, core, out_scale, scaling)
-    y = sv_linear_op(x2, weight, a, s, b, bias, core, out_scale, scaling, strategy)
+    seed = 0 if dropout == 0.0 else draw_seed()
+    y = sv_linear_op(x2, weight, a, s, b, bias, core, out_scale, scaling, dropout, seed,
+                     strategy)
     return y.reshape(*x.shape[:-1], weight.shape[0]) if flat else y
 
 
@@ -194,6 +208,6 @@ def _strategy(x, weight, a, s, b, bias, core, out_scale, scaling):
     candidates = ["torch", "fused"]
     if padded <= MAX_EPILOGUE_RANK:
         candidates.append("one_pass")
-    call = (x, weight, a, s, b, bias, core, out_scale, scaling)
+    call = (x, weight, a, s, b, bias, core, out_scale, scaling, 0.0, 0)
     return _dispatch.TUNER.choose(key, x.device, {
         name: (lambda name=name: _forward(*call, name)) for name in candidates})

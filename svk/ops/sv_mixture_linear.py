@@ -26,7 +26,8 @@ import torch.nn.functional as F
 
 from svk.ops import _checks, _dispatch
 from svk.ops._common import acc_dtype as _acc_dtype
-from svk.ops._common import add_up_projection, cast, down_projection_rank, input_side_grads
+from svk.ops._common import (add_up_projection, cast, down_projection_rank, draw_seed,
+                             dropout_keep, input_side_grads)
 from svk.ops._common import b_eff as _b_eff
 from svk.ops._common import up_projection_grad
 from svk.ops._library import differentiable_op
@@ -53,10 +54,13 @@ def _router_backward(du, t, g, gate_in, gate_out, lambdas):
     return dt, g.t() @ ds_eff, t.t() @ dc, dz.t() @ (t @ gi)
 
 
-def _forward(x, weight, a, lambdas, gate_in, gate_out, b, bias, out_scale, scaling, strategy):
-    """Returns (y, t, g): y in x's dtype; t (M, r) and g (M, m) in fp32 (fp64 for fp64 x)."""
+def _forward(x, weight, a, lambdas, gate_in, gate_out, b, bias, out_scale, scaling, dropout,
+             seed, strategy):
+    """Returns (y, t, g): y in x's dtype; t (M, r) and g (M, m) in fp32 (fp64 for fp64 x).
+    With dropout > 0, t = dropout(x)·aᵀ (mask from `seed`); the base GEMM reads x."""
     if strategy == "torch":
-        t = cast(F.linear(x, cast(a, x.dtype)), _acc_dtype(x))
+        xa = x if dropout == 0.0 else x * dropout_keep(x.shape, x, dropout, seed)
+        t = cast(F.linear(xa, cast(a, x.dtype)), _acc_dtype(x))
         g, u = _router(t, gate_in, gate_out, lambdas)
         return add_up_projection(F.linear(x, weight, bias), u, b, out_scale, scaling), t, g
     b_eff = _b_eff(b, out_scale, scaling, _acc_dtype(x))
@@ -67,7 +71,7 @@ def _forward(x, weight, a, lambdas, gate_in, gate_out, b, bias, out_scale, scali
 
 
 def _backward(dy, x, weight, a, lambdas, gate_in, gate_out, b, bias, out_scale, t, g, scaling,
-              strategy, needs):
+              dropout, seed, strategy, needs):
     """Gradients of (x, weight, a, lambdas, gate_in, gate_out, b, bias, out_scale).
 
     With b_eff = scaling·out_scale ⊙ b, c = t·gate_in, z = c ⊗ gate_out, g = softmax(z),
@@ -115,9 +119,11 @@ def _backward(dy, x, weight, a, lambdas, gate_in, gate_out, b, bias, out_scale, 
             grads[4] = dgate_in.to(gate_in.dtype)
         if need_go:
             grads[5] = dgate_out.to(gate_out.dtype)
+    keep = dropout_keep((dy.shape[0], weight.shape[1]), dy, dropout, seed) if (
+        dropout != 0.0 and (need_x or need_a)) else None
     grads[0], grads[1], grads[2] = input_side_grads(
         dy, x, weight, a, dt, need_x=need_x, need_w=need_w, need_a=need_a,
-        triton=strategy != "torch")
+        triton=strategy != "torch", keep=keep)
     if need_u:
         if u is None:
             u = (t * (g @ lambdas.to(acc))).to(dy.dtype)
@@ -137,7 +143,7 @@ sv_mixture_linear_op = differentiable_op(
     "sv_mixture_linear",
     args=_ARGS,
     optional=("bias", "out_scale"),
-    scalars=(("scaling", "float"),),
+    scalars=(("scaling", "float"), ("dropout", "float"), ("seed", "int")),
     extras=("t", "g"),
     forward=_forward,
     backward=_backward,
@@ -155,7 +161,7 @@ def _strategy(backend):
 
 
 def sv_mixture_linear(x, weight, a, lambdas, gate_in, gate_out, b, *, bias=None, out_scale=None,
-                      scaling=1.0, backend="auto", return_gates=False):
+                      scaling=1.0, backend="auto", return_gates=False, dropout=0.0):
     """Mo-SARA (Eq. 5–6) fused: y = x·Wᵀ + bias + scaling·((t ⊙ g·lambdas)·bᵀ) ⊙ out_scale,
     with t = x·aᵀ and per-token gates g = softmax((t·gate_in) ⊗ gate_out) (DESIGN.md §2).
 
@@ -170,6 +176,9 @@ def sv_mixture_linear(x, weight, a, lambdas, gate_in, gate_out, b, *, bias=None,
     has a single strategy, "fused" (the update depends on the token, so there is no merged
     weight; see the module docstring).
 
+    dropout: probability of zeroing each element of the adapter path's input (t =
+    dropout(x)·aᵀ; the base GEMM sees x); 0 = off.
+
     return_gates: when True, returns (y, gates) where gates (..., m) are the router's
     per-token head weights g, detached, in fp32 (fp64 for fp64 x) — the very tensor the
     forward computed and saves for backward, so reading it costs nothing. Average it over the
@@ -182,7 +191,7 @@ def sv_mixture_linear(x, weight, a, lambdas, gate_in, gate_out, b, *, bias=None,
     if not isinstance(return_gates, bool):
         raise TypeError(f"return_gates must be a bool, got {type(return_gates).__name__}")
     return run(x, weight, a, lambdas, gate_in, gate_out, b, bias, out_scale,
-               _checks.scaling(scaling), backend, return_gates)
+               _checks.scaling(scaling), backend, return_gates, _checks.dropout(dropout))
 
 
 def check(x, weight, a, lambdas, gate_in, gate_out, b, bias, out_scale):
@@ -208,16 +217,21 @@ def check(x, weight, a, lambdas, gate_in, gate_out, b, bias, out_scale):
 
 
 def run(x, weight, a, lambdas, gate_in, gate_out, b, bias, out_scale, scaling, backend,
-        return_gates=False):
+        return_gates=False, dropout=0.0):
     """sv_mixture_linear on checked arguments."""
     strategy = _strategy(_dispatch.resolve_backend(backend, x))
+    seed = 0
+    if dropout != 0.0:
+        seed = draw_seed()
+        if strategy != "torch":
+            strategy = _dispatch.dropout_strategy(backend)
     out_features = weight.shape[0]
     flat = x.dim() != 2
     x2 = x.reshape(-1, weight.shape[1]) if flat else x
     # The full op (not the y-only call) so that the gates it computed can be handed out
     # without recomputing the router.
     y, _, g = sv_mixture_linear_op.full(x2, weight, a, lambdas, gate_in, gate_out, b, bias,
-                                        out_scale, scaling, strategy)
+                                        out_scale, scaling, dropout, seed, strategy)
     if flat:
         y = y.reshape(*x.shape[:-1], out_features)
     if return_gates:
