@@ -178,14 +178,16 @@ def _check_ties(model: nn.Module, targets) -> None:
             owners.setdefault(id(param), []).append((qualified, module))
             # Distinct Parameters over the same memory tie too; compare where each tensor
             # starts (not its storage: tensors loaded from one file may share a storage).
-            if param.device.type != "meta" and param.numel():
+            # (A wrapper tensor subclass such as torchao's quantized weights has no storage of
+            # its own: data_ptr() is 0 for all of them.)
+            if param.device.type != "meta" and param.numel() and param.data_ptr():
                 storages.setdefault((param.device, param.data_ptr()), []).append(
                     (qualified, module))
     problems = []
     for target in targets:
         weight = target.module.weight
         sharing = owners[id(weight)]
-        if weight.device.type != "meta" and weight.numel():
+        if weight.device.type != "meta" and weight.numel() and weight.data_ptr():
             sharing = sharing + storages[(weight.device, weight.data_ptr())]
         others = sorted({q for q, module in sharing if module is not target.module})
         if others:
@@ -360,17 +362,34 @@ def _require_layers(model: nn.Module) -> "OrderedDict[str, SVLinear]":
     return layers
 
 
-def merge(model: nn.Module, *, exact: bool = True) -> None:
+# svk.merge warns when a layer's merged weight holds its update less accurately than this.
+MERGE_WARN_ERROR = 0.01
+
+
+def merge(model: nn.Module, *, exact: bool = True, warn_above: float = MERGE_WARN_ERROR) -> dict:
     """Merges every unmerged adapter layer (see SVLinear.merge). Raises, merging nothing,
-    when a layer cannot be merged (Mo-SARA)."""
+    when a layer cannot be merged (Mo-SARA).
+
+    Returns {layer name: relative error of the update the merged weight holds}. In fp16/bf16
+    rounding W + ΔW drops every entry of ΔW below half an ulp of W; a UserWarning names the
+    layers whose error exceeds warn_above (1 %) — keep such a model unmerged (the fused op
+    adds the update in fp32) or merge into fp32 weights."""
     layers = _require_layers(model)
     for name, layer in layers.items():
         if type(layer).merge is not SVLinear.merge:
             raise RuntimeError(f"layer {name!r} ({layer.method}) cannot be merged; nothing was "
                                "merged")
-    for layer in layers.values():
-        if not layer.merged:
-            layer.merge(exact=exact)
+    errors = {name: layer.merge(exact=exact) for name, layer in layers.items()
+              if not layer.merged}
+    lossy = {name: error for name, error in errors.items() if error > warn_above}
+    if lossy:
+        worst = max(lossy, key=lossy.get)
+        dtype = layers[worst].weight.dtype
+        warnings.warn(f"svk.merge: {len(lossy)} layer(s) hold their update with more than "
+                      f"{warn_above:.0%} error after rounding to {dtype} (worst {worst!r}: "
+                      f"{lossy[worst]:.1%} of ΔW lost); keep the adapter unmerged, or merge "
+                      "into fp32 weights", UserWarning, stacklevel=2)
+    return errors
 
 
 def unmerge(model: nn.Module) -> None:

@@ -322,8 +322,11 @@ class SVLinear(nn.Module):
         return left @ right
 
     @torch.no_grad()
-    def merge(self, exact: bool = True) -> None:
-        """Folds the update into weight; forward then costs one GEMM.
+    def merge(self, exact: bool = True) -> float:
+        """Folds the update into weight; forward then costs one GEMM. Returns the relative
+        error of the update the weight now holds, ‖round(W + ΔW) − W − ΔW‖ / ‖ΔW‖ (also kept
+        as ``merge_error``): rounding to a 16-bit weight drops every entry of ΔW below half
+        an ulp of W, which for a young adapter can be most of it (0 in fp32 up to rounding).
 
         exact=True keeps a copy of the unmerged weight (one extra weight of memory) so that
         unmerge() restores it bit for bit; exact=False keeps nothing and unmerge() subtracts
@@ -332,8 +335,13 @@ class SVLinear(nn.Module):
             raise RuntimeError(f"{type(self).__name__} is already merged")
         delta = self.delta_weight()
         self._original_weight = self.weight.detach().clone() if exact else None
-        self.weight.copy_((self.weight.to(delta.dtype) + delta).to(self.weight.dtype))
+        before = self.weight.to(delta.dtype, copy=True)
+        self.weight.copy_((before + delta).to(self.weight.dtype))
+        applied = self.weight.to(delta.dtype) - before
+        scale = float(torch.linalg.norm(delta))
+        self.merge_error = float(torch.linalg.norm(applied - delta)) / scale if scale else 0.0
         self.merged = True
+        return self.merge_error
 
     @torch.no_grad()
     def unmerge(self) -> None:
