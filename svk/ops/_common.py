@@ -21,8 +21,11 @@ def b_eff(b, out_scale, scaling, dtype):
 
 
 def add_up_projection(y, u, b, out_scale, scaling):
-    """y += scaling·(u·bᵀ) ⊙ out_scale in place, y fresh in x's dtype, u (M, r): one addmm_."""
+    """y + scaling·(u·bᵀ) ⊙ out_scale for a fresh y in x's dtype and u (M, r): one addmm
+    (in place into y unless scaling is 1, where F.linear(u, b, y) costs less host time)."""
     if out_scale is None:
+        if scaling == 1.0:      # F.linear's own addmm: no Python-side transpose, no alpha
+            return torch.nn.functional.linear(cast(u, y.dtype), cast(b, y.dtype), y)
         return y.addmm_(cast(u, y.dtype), cast(b, y.dtype).t(), alpha=scaling)
     folded = b_eff(b, out_scale, scaling, acc_dtype(y))
     return y.addmm_(cast(u, y.dtype), cast(folded, y.dtype).t())

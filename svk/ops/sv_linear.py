@@ -95,7 +95,9 @@ def _backward(dy, x, weight, a, s, b, bias, core, out_scale, t, scaling, dropout
         # G = dyᵀ·u (out, r) gives both db = scaling·out_scale ⊙ G and
         # d_out_scale = scaling·rowsum(b ⊙ G): one reduction over M, no (M, out) tensor.
         u = F.linear(p, cast(core, acc)) if core is not None else p
-        g = cast(dy.t() @ cast(u, dy.dtype), acc) * scaling
+        g = cast(dy.t() @ cast(u, dy.dtype), acc)
+        if scaling != 1.0:
+            g = g * scaling
         if need_b:
             grads[4] = cast(g if out_scale is None else g * cast(out_scale, acc)[:, None],
                             b.dtype)
