@@ -139,3 +139,15 @@ def test_untuned_mode_keeps_one_config(monkeypatch):
     configs = [triton.Config({"BLOCK_R": br}, num_warps=4, num_stages=2) for br in (32, 64)]
     assert len(router._cap_rank_tile(configs, {"R": 100})) == 1
     assert _common.first_if_untuned(configs) == configs[:1]
+
+
+def test_core_epilogue_counts_when_it_outgrows_the_loop():
+    """x_at at BLOCK_M = BLOCK_R = 128 with a bf16 a: 3 stages of (128 + 128)·64·2 B = 96 KiB
+    for the loop, but the compiler allocated 128 KiB, the fp32 u and core tiles of the
+    epilogue's u·coreᵀ (compile_check, sm_90): the estimate is the larger of the two."""
+    from svk.kernels.x_at import X_AT_STAGE_BYTES
+    config = triton.Config({"BLOCK_M": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3)
+    bf16 = torch.empty(1, dtype=torch.bfloat16)
+    args = {"X": bf16, "A": bf16, "BLOCK_R": 128}
+    assert X_AT_STAGE_BYTES.estimate(config, args, HAS_CORE=False) == 3 * 64 * 256 * 2
+    assert X_AT_STAGE_BYTES.estimate(config, args, HAS_CORE=True) == 256 * 128 * 4

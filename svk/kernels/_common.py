@@ -77,6 +77,15 @@ def shared_memory_limit(device):
                    None)
 
 
+def core_epilogue_bytes(a):
+    """The r-sized epilogue u·coreᵀ (fp32, tf32x3) stages both fp32 operands in shared memory:
+    (BLOCK_M + BLOCK_R)·BLOCK_R·4 bytes. sm_90, x_at at BLOCK_M = BLOCK_R = 128 with a bf16
+    a: the loop needs 96 KiB, the compiler allocated exactly this, 128 KiB (compile_check)."""
+    if not a.get("HAS_CORE", False):
+        return 0
+    return (a["BLOCK_M"] + a["BLOCK_R"]) * a["BLOCK_R"] * 4
+
+
 def adapter_copy_bytes(a):
     """A (BLOCK_R, BLOCK_K) adapter tile whose dtype differs from x's is also kept converted
     to x's dtype for tl.dot: one extra tile, not one per stage."""
@@ -84,7 +93,7 @@ def adapter_copy_bytes(a):
     return 0 if adapter.dtype == x.dtype else a["BLOCK_R"] * a["BLOCK_K"] * x.element_size()
 
 
-def prune_by_shared_memory(stage_bytes, extra_bytes=lambda a: 0):
+def prune_by_shared_memory(stage_bytes, extra_bytes=lambda a: 0, epilogue_bytes=lambda a: 0):
     """An autotune early_config_prune dropping configs whose pipelined loads cannot fit.
 
     stage_bytes(args) is the bytes one K step loads into shared memory (the tiles of every
@@ -92,11 +101,14 @@ def prune_by_shared_memory(stage_bytes, extra_bytes=lambda a: 0):
     converted adapter tile). The estimate is num_stages · stage_bytes + extra_bytes, an upper
     bound on every sm_90 compile compile_check has recorded: Triton keeps num_stages − 1
     steps for some operands and 32-row bf16 tiles but num_stages for tiles of ≥ 64 rows
-    (wgmma) and for fp32. A config over the limit could never launch, and the autotuner
-    would compile it only to find that out. The smallest config always survives."""
+    (wgmma) and for fp32. epilogue_bytes(args) is what the code after the K loop stages
+    (its buffers reuse the loop's, so the estimate is the larger of the two). A config over
+    the limit could never launch, and the autotuner would compile it only to find that out.
+    The smallest config always survives."""
     def estimate(config, args, **kwargs):
         named = {**args, **kwargs, **config.kwargs}
-        return config.num_stages * stage_bytes(named) + extra_bytes(named)
+        return max(config.num_stages * stage_bytes(named) + extra_bytes(named),
+                   epilogue_bytes(named))
 
     def prune(configs_, args, **kwargs):
         limit = shared_memory_limit(args["X"].device)   # every pruned kernel has activations X

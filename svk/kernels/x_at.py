@@ -11,7 +11,8 @@ import triton.language as tl
 from svk.kernels import _tuning
 from svk.kernels._common import (EPILOGUE_PRECISION, LAUNCHES, MAX_EPILOGUE_RANK,
                                  adapter_copy_bytes, as_operand, check_device, configs,
-                                 dot_precision, m_bucket, prune_by_shared_memory, rank_pad)
+                                 core_epilogue_bytes, dot_precision, m_bucket,
+                                 prune_by_shared_memory, rank_pad)
 from svk.kernels._tiles import indices, x_at_tile
 
 _EPILOGUE = tl.constexpr(EPILOGUE_PRECISION)
@@ -24,11 +25,12 @@ _CONFIGS = configs(
 )
 
 
-# One K step loads an x tile and an a tile (a in its own dtype, often fp32).
+# One K step loads an x tile and an a tile (a in x's dtype since the launcher converts it;
+# in its own dtype, with a converted copy, when called otherwise); then the core epilogue.
 X_AT_STAGE_BYTES = prune_by_shared_memory(
     lambda a: a["BLOCK_K"] * (a["BLOCK_M"] * a["X"].element_size()
                               + a["BLOCK_R"] * a["A"].element_size()),
-    adapter_copy_bytes)
+    adapter_copy_bytes, core_epilogue_bytes)
 
 
 # Every constexpr the launcher sets is part of the key: a config tuned with the core epilogue

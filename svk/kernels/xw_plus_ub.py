@@ -18,7 +18,8 @@ import triton.language as tl
 from svk.kernels import _tuning
 from svk.kernels._common import (EPILOGUE_PRECISION, LAUNCHES, MAX_EPILOGUE_RANK,
                                  adapter_copy_bytes, as_operand, check_device, configs,
-                                 dot_precision, m_bucket, prune_by_shared_memory, rank_pad)
+                                 core_epilogue_bytes, dot_precision, m_bucket,
+                                 prune_by_shared_memory, rank_pad)
 from svk.kernels._tiles import grouped_tile, indices, xw_and_xa_tiles
 
 _EPILOGUE = tl.constexpr(EPILOGUE_PRECISION)
@@ -52,7 +53,8 @@ def _stage_bytes(a):
 
 
 XW_XA_STAGE_BYTES = prune_by_shared_memory(
-    _stage_bytes, lambda a: adapter_copy_bytes(a) if a.get("ONE_PASS", True) else 0)
+    _stage_bytes, lambda a: adapter_copy_bytes(a) if a.get("ONE_PASS", True) else 0,
+    core_epilogue_bytes)
 
 
 def _prune(configs_, args, **kwargs):
