@@ -41,7 +41,8 @@ from torch import Tensor, nn
 from svk.integrations.config import AdapterConfig
 from svk.integrations.inject import (InjectionSummary, LayerSummary, adapted_layers,
                                      trainable_parameters, _unwrap)
-from svk.nn.base import SVLinear, adapter_dtype, is_adaptable, is_conv1d, linear_weight
+from svk.nn.base import SVLinear, adapter_dtype, is_adaptable, is_conv1d
+from svk.nn.quantized import base_weight, is_quantized, quantized_class
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -323,7 +324,7 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, *,
         if not is_adaptable(module):
             raise ValueError(f"the checkpoint adapts {name!r}, a {type(module).__name__}; "
                              "svk.import_peft supports nn.Linear and Conv1D targets only")
-        weight, bias = linear_weight(module)
+        weight, bias = base_weight(module)         # dequantized for a quantized layer
         out_features, in_features = weight.shape
         A, B = parts["lora_A"], parts["lora_B"]
         r = A.shape[0]
@@ -360,16 +361,20 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, *,
                 weight = weight.contiguous()      # (out, in) copy of Conv1D's (in, out)
             if kasa is None:
                 hp = LoRALinear.resolve_hparams(rank=r, alpha=alpha)
-                layer = LoRALinear(weight, bias, a=a, s=torch.ones(r, **cast), b=b,
-                                   scaling=scaling, backend=backend, hparams=hp)
+                args = dict(a=a, s=torch.ones(r, **cast), b=b, scaling=scaling,
+                            backend=backend, hparams=hp)
+                # a quantized module is kept as the base, untouched (svk.nn.quantized)
+                layer = (quantized_class(LoRALinear)(module, **args) if is_quantized(module)
+                         else LoRALinear(weight, bias, **args))
             else:
                 hp = KaSALinear.resolve_hparams(rank=r, alpha=alpha,
                                                 beta=kasa.get("beta", 1e-4),
                                                 gamma=kasa.get("gamma", 1e-3))
                 truncated, removed_b, removed_a = _kasa_truncate(weight, r)
-                layer = KaSALinear(truncated, bias, a=a, s=parts["lora_diag"].to(**cast), b=b,
-                                   scaling=scaling, backend=backend, hparams=hp,
-                                   base_removed=(removed_b, removed_a))
+                args = dict(a=a, s=parts["lora_diag"].to(**cast), b=b, scaling=scaling,
+                            backend=backend, hparams=hp, base_removed=(removed_b, removed_a))
+                layer = (quantized_class(KaSALinear)(module, **args) if is_quantized(module)
+                         else KaSALinear(truncated, bias, **args))
             layer.from_conv1d = is_conv1d(module)
             built[name] = layer
     for name, layer in built.items():

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from svk.integrations.inject import _require_layers, _unwrap
+from svk.nn.quantized import QuantizedSVLinear
 
 
 def _names_of(model: nn.Module) -> dict:
@@ -25,7 +26,10 @@ def _names_of(model: nn.Module) -> dict:
 def _plain_layer(layer, merge: bool) -> nn.Module:
     """An nn.Linear (or Conv1D, for a layer built from one) holding the layer's merged weight
     (merge=True) or its original base weight (merge=False), in the weight's dtype. Consumes
-    the layer: its weight may be merged/unmerged in place and reused."""
+    the layer: its weight may be merged/unmerged in place and reused. A layer on a quantized
+    base gives its base_layer back, untouched (merge=True is refused by unload first)."""
+    if isinstance(layer, QuantizedSVLinear):
+        return layer.base_layer.train(layer.training)
     with torch.no_grad():
         if merge:
             if not layer.merged:
@@ -63,7 +67,8 @@ def unload(model: nn.Module, *, merge: bool = True) -> nn.Module:
     back, for KaSA and PiSSA with the original, un-rewritten weight (exact up to one rounding
     of the weight dtype; the other methods give the base weight itself). Every parameter gets
     its requires_grad from before inject back. Raises (changing nothing) for merge=True on a
-    model holding Mo-SARA layers, whose update has no single weight.
+    model holding Mo-SARA layers, whose update has no single weight, or layers on a quantized
+    base (svk.nn.quantized), which merge=False gives back untouched.
     """
     model = _unwrap(model)
     layers = _require_layers(model)
@@ -73,6 +78,12 @@ def unload(model: nn.Module, *, merge: bool = True) -> nn.Module:
                 raise ValueError(f"layer {name!r} is Mo-SARA, whose update depends on each token "
                                  "and cannot be merged into a weight; unload(merge=False) gives "
                                  "the base model back")
+            if isinstance(layer, QuantizedSVLinear):
+                raise ValueError(f"layer {name!r} has a quantized base "
+                                 f"({type(layer.base_layer).__name__}): merging would requantize "
+                                 "it (new codes, a second rounding error); unload(merge=False) "
+                                 "gives the quantized base model back and svk.export_peft writes "
+                                 "the adapter as a PEFT LoRA on it")
     names = _names_of(model)
     modules = dict(model.named_modules(remove_duplicate=False))
     for layer in layers.values():

@@ -23,3 +23,8 @@ METHODS = {cls.method: cls for cls in (LoRAXSLinear, SARALinear, MoSARALinear, K
 
 __all__ = ["SVLinear", "LoRAXSLinear", "SARALinear", "MoSARALinear", "KaSALinear", "SiVALinear",
            "LoRALinear", "PiSSALinear", "METHODS"]
+
+# Quantized bases (bitsandbytes, torchao): svk.nn.quantized, after METHODS (it derives from them).
+from svk.nn.quantized import QuantizedSVLinear, quantized_class  # noqa: E402
+
+__all__ += ["QuantizedSVLinear", "quantized_class"]

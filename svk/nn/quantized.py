@@ -34,6 +34,11 @@ What differs from a dense SVLinear:
 - ``disable_adapter`` gives ``base_layer(x)``.
 - The adapter path is PyTorch (rank-r work next to the quantizer's GEMM); ``backend`` is kept
   for the record. Adapter dropout uses torch's dropout (its mask is stored by autograd).
+- A bitsandbytes Linear4bit base stays in training mode (``train()``/``eval()`` leave it so):
+  bitsandbytes 0.50.2 on AVX512-BF16 CPUs repacks the codes in place at the first eval-mode
+  no-grad forward (block scales rounded to bf16, irreversibly), then computes in bf16 (measured
+  3·10⁻³ relative on a 64×64 layer), dequantize_4bit misreads the new layout, and a later
+  forward no longer carries gradients to its input. Its training flag has no other effect.
 """
 from __future__ import annotations
 
@@ -101,6 +106,13 @@ def dequantize(module: nn.Module) -> Tensor:
             w = module.weight
             if getattr(w, "quant_state", None) is None:
                 raise _not_quantized_yet(module, f"weight dtype {w.dtype}, no quant_state")
+            if getattr(w.quant_state, "packing_format_for_cpu", False):
+                raise TypeError(
+                    f"{type(module).__name__}: bitsandbytes has repacked this layer's codes for "
+                    "AVX512-BF16 CPU inference (it does so in place at the first eval-mode, "
+                    "no-grad forward, rounding the block scales to bf16); dequantize_4bit "
+                    "cannot read that layout. Inject before running the model in eval mode on "
+                    "CPU, or reload/requantize it")
             return bnbf.dequantize_4bit(w.data, w.quant_state).reshape(
                 module.out_features, module.in_features)
         if _torchao_weight(module):
@@ -160,6 +172,25 @@ class QuantizedSVLinear:
         del self._parameters["weight"]
         base_layer.requires_grad_(False)
         self.base_layer = base_layer
+        self._keep_base_training()
+
+    def _keep_base_training(self) -> None:
+        # In eval mode bitsandbytes would repack a Linear4bit's codes in place on AVX512-BF16
+        # CPUs (module docstring); its training flag has no other use, so it stays True.
+        if _bnb_kind(self.base_layer) == "4bit":
+            self.base_layer.training = True
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self._keep_base_training()
+        return self
+
+    def __setattr__(self, name, value):
+        if name in ("weight", "bias") and "base_layer" in self.__dict__.get("_modules", ()):
+            raise AttributeError(f"{type(self).__name__}.{name} belongs to the quantized "
+                                 "base_layer (weight: dequantized on access); it cannot be "
+                                 "assigned")
+        super().__setattr__(name, value)
 
     # weight and bias are views of base_layer, never stored on the layer itself.
     @property
@@ -175,8 +206,8 @@ class QuantizedSVLinear:
 
     @weight.setter
     def weight(self, value):
-        raise AttributeError(f"{type(self).__name__}.weight is the quantized base_layer's "
-                             "(dequantized on access); it cannot be assigned")
+        raise AttributeError(f"{type(self).__name__}.weight belongs to the quantized "
+                             "base_layer (dequantized on access); it cannot be assigned")
 
     @property
     def bias(self) -> Tensor | None:
@@ -184,9 +215,9 @@ class QuantizedSVLinear:
 
     @bias.setter
     def bias(self, value):
-        if value is None and "base_layer" not in self._modules:
-            return                     # SVLinear.__init__ sets bias = None; the bias is base's
-        raise AttributeError(f"{type(self).__name__}.bias is base_layer.bias; set that instead")
+        # Reached only from SVLinear.__init__ (bias = None; __setattr__ refuses afterwards).
+        if value is not None:
+            raise AttributeError(f"{type(self).__name__}.bias is base_layer.bias")
 
     @classmethod
     def from_linear(cls, linear: nn.Module, *, backend: str = "auto",

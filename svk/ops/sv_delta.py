@@ -56,7 +56,9 @@ class _DeltaOp:
             if not ctx.needs_input_grad[a_at]:
                 # da = dtᵀ·x is the only reader of x: without it x is not kept alive.
                 x = x.new_empty(_EMPTY)
-            ctx.save_for_backward(x, *inputs[1:n_in], *output[1:])
+            # y_base (M, out) is never read by backward (its gradient is dy): an empty
+            # stand-in of its dtype keeps no (M, out) tensor alive.
+            ctx.save_for_backward(x, inputs[1].new_empty(_EMPTY), *inputs[2:n_in], *output[1:])
             ctx.scaling = inputs[n_in]
 
         class Function(torch.autograd.Function):
@@ -123,7 +125,11 @@ class _DeltaOp:
 
         def autograd_backward(ctx, dy, *_extra_grads):
             needs = [bool(n) for n in ctx.needs_input_grad[:n_in]]
-            grads = backward_op(dy, *ctx.saved_tensors, ctx.scaling, needs)
+            # y_base's gradient is dy itself, passed here: a custom op may not return one of
+            # its inputs.
+            need_y, needs[1] = needs[1], False
+            grads = list(backward_op(dy, *ctx.saved_tensors, ctx.scaling, needs))
+            grads[1] = dy if need_y else None
             return (*(g if need else None for g, need in zip(grads, needs)), None)
 
         forward_op.register_autograd(
