@@ -479,3 +479,60 @@ def test_sv_delta_refuses_bad_shapes_by_name():
         sv_delta(t["x"], t["y_base"], t["a"], t["s"], t["b"][:, :2])
     with pytest.raises(ValueError, match="go together"):
         sv_delta(t["x"], t["y_base"], t["a"], t["s"], t["b"], removed_a=t["removed_a"])
+
+
+@pytest.mark.parametrize("kind,method", [("torchao", "lora"), ("torchao", "mosara"),
+                                         ("torchao", "pissa"), ("nf4", "lora")])
+def test_compiled_layer_matches_eager(kind, method):
+    """torch.compile traces svk::sv_delta / svk::sv_mixture_delta (custom ops). Regression:
+    their autograd formula once dropped y_base's gradient, so compiled training lost the
+    base layer's share of dx (adapter gradients and outputs were still right)."""
+    _require(kind)
+    quantized, _, _ = _bases(kind)
+    base = quantized.model.layers[0].mlp.up_proj
+    layer = quantized_class(METHODS[method]).from_linear(
+        base, generator=torch.Generator().manual_seed(0), **({"rank": 4} if method != "mosara"
+                                                               else {}))
+    _perturb_alike(layer)
+    x = torch.randn(2, 5, 64, requires_grad=True)
+    y = layer(x)
+    y.square().sum().backward()
+    eager = {n: p.grad.clone() for n, p in layer.named_parameters() if p.requires_grad}
+    eager_dx = x.grad.clone()
+    layer.zero_grad()
+    x.grad = None
+    compiled = torch.compile(layer, backend="aot_eager")
+    yc = compiled(x)
+    yc.square().sum().backward()
+    # The same PyTorch ops in the same order, traced: equal up to fp32 reassociation.
+    torch.testing.assert_close(yc, y, rtol=0, atol=1e-6)
+    torch.testing.assert_close(x.grad, eager_dx, rtol=0, atol=1e-6)
+    for name, p in layer.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, eager[name], rtol=0, atol=1e-6)
+
+
+def test_dropout_applies_to_the_adapter_input_only():
+    # torchao: a base whose output does not depend on train/eval (bitsandbytes' int8 layer
+    # quantizes its input in eval mode on CPU, so its output changes with the mode)
+    _require("torchao")
+    quantized, _, _ = _bases("torchao")
+    base = quantized.model.layers[0].self_attn.q_proj
+    try:
+        layer = quantized_class(METHODS["lora"]).from_linear(base, rank=4, dropout=0.5)
+    except TypeError as error:               # an svk without adapter dropout
+        pytest.skip(f"adapter dropout unavailable: {error}")
+    _perturb_alike(layer)
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        y_base = base(x)
+        delta = lambda inp: layer.scaling * (inp @ layer.a.T) @ layer.b.T  # noqa: E731
+        layer.eval()
+        torch.testing.assert_close(layer(x), y_base + delta(x), rtol=0, atol=1e-6)
+        layer.train()
+        torch.manual_seed(7)
+        y = layer(x)
+        torch.manual_seed(7)
+        kept = torch.nn.functional.dropout(torch.ones_like(x), 0.5, training=True)
+        # the base sees x; the adapter sees the dropped, rescaled x (torch's dropout)
+        torch.testing.assert_close(y, y_base + delta(x * kept), rtol=0, atol=1e-6)

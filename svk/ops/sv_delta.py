@@ -127,9 +127,9 @@ class _DeltaOp:
             needs = [bool(n) for n in ctx.needs_input_grad[:n_in]]
             # y_base's gradient is dy itself, passed here: a custom op may not return one of
             # its inputs.
-            need_y, needs[1] = needs[1], False
-            grads = list(backward_op(dy, *ctx.saved_tensors, ctx.scaling, needs))
-            grads[1] = dy if need_y else None
+            grads = list(backward_op(dy, *ctx.saved_tensors, ctx.scaling,
+                                     [needs[0], False, *needs[2:]]))
+            grads[1] = dy
             return (*(g if need else None for g, need in zip(grads, needs)), None)
 
         forward_op.register_autograd(
