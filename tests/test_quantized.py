@@ -536,3 +536,14 @@ def test_dropout_applies_to_the_adapter_input_only():
         kept = torch.nn.functional.dropout(torch.ones_like(x), 0.5, training=True)
         # the base sees x; the adapter sees the dropped, rescaled x (torch's dropout)
         torch.testing.assert_close(y, y_base + delta(x * kept), rtol=0, atol=1e-6)
+
+
+def test_parameter_counts_count_4bit_weights_not_bytes():
+    _require("nf4")
+    quantized, twin, _ = _bases("nf4")
+    svk.inject(quantized, _cfg("lora"))
+    svk.inject(twin, _cfg("lora"))
+    count, dense = svk.print_trainable_parameters(quantized), svk.print_trainable_parameters(twin)
+    assert count.trainable == dense.trainable > 0
+    # The same model: a 4-bit layer holds out·in weights in out·in/2 bytes.
+    assert count.total == dense.total

@@ -418,12 +418,20 @@ def regularization_loss(model: nn.Module, reduction: str = "mean") -> Tensor:
 
 
 def trainable_parameters(model: nn.Module) -> ParameterCount:
-    """(trainable, total) parameter counts; shared (tied) parameters count once."""
+    """(trainable, total) parameter counts; shared (tied) parameters count once. A
+    bitsandbytes 4-bit weight counts its weights, not its storage bytes (two 4-bit codes per
+    byte of its quant_storage), as PEFT counts them."""
     seen: dict[int, nn.Parameter] = {}
     for param in _unwrap(model).parameters():
         seen.setdefault(id(param), param)
     trainable = sum(p.numel() for p in seen.values() if p.requires_grad)
-    return ParameterCount(trainable, sum(p.numel() for p in seen.values()))
+    return ParameterCount(trainable, sum(_count(p) for p in seen.values()))
+
+
+def _count(param) -> int:
+    if type(param).__name__ == "Params4bit":
+        return param.numel() * 2 * param.element_size()
+    return param.numel()
 
 
 def print_trainable_parameters(model: nn.Module, *, per_layer: bool = False) -> ParameterCount:
