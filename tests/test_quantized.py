@@ -24,7 +24,7 @@ from torch import nn
 import svk
 from svk.integrations.inject import adapted_layers
 from svk.nn import METHODS
-from svk.nn.quantized import (QuantizedSVLinear, dequantize, is_quantized, quantized_class)
+from svk.nn.quantized import QuantizedSVLinear, dequantize, is_quantized, quantized_class
 from svk.ops.sv_delta import sv_delta, sv_delta_op, sv_mixture_delta, sv_mixture_delta_op
 
 transformers = pytest.importorskip("transformers")

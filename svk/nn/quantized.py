@@ -11,7 +11,7 @@ A quantized layer ``QuantizedLoRAXSLinear`` etc. (one per method of svk.nn.METHO
 ``quantized_class(cls)``) holds the quantized module untouched as ``base_layer`` — its codes are
 never written, no dense (out, in) copy is kept — plus the method's adapter tensors:
 
-    y = base_layer(x) + scaling·(((x·aᵀ) ⊙ s)·coreᵀ·bᵀ) ⊙ out_scale        (svk.ops.sv_delta)
+    y = base_layer(x) + scaling·(((x·aᵀ) ⊙ s)·coreᵀ·bᵀ) ⊙ out_scale     (svk.ops.sv_delta)
 
 The base product is the quantizer's own forward (its kernel, its rounding); autograd carries
 dx through it. Initialisation takes the factors from the dequantized weight (codes times their
@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from svk.nn.base import SVLinear, adapter_dtype, linear_weight
+from svk.nn.base import SVLinear, linear_weight
 from svk.ops.sv_delta import sv_delta, sv_mixture_delta
 
 
@@ -160,8 +160,9 @@ class QuantizedSVLinear:
                  **tensors: Tensor | None):
         if not is_quantized(base_layer):
             raise TypeError(f"{type(self).__name__} needs a quantized base layer (bitsandbytes "
-                            f"Linear8bitLt / Linear4bit, torchao), got {type(base_layer).__name__}; "
-                            f"use {type(self).__mro__[2].__name__} for a dense layer")
+                            f"Linear8bitLt / Linear4bit, torchao), got "
+                            f"{type(base_layer).__name__}; use {type(self).__mro__[2].__name__} "
+                            "for a dense layer")
         shape = (base_layer.out_features, base_layer.in_features)
         extra = {"dropout": dropout} if dropout else {}
         # SVLinear registers its weight argument as a parameter; a meta placeholder (no

@@ -198,7 +198,8 @@ def _delta_backward(dy, x, y_base, a, s, b, core, out_scale, removed_a, removed_
                     needs):
     """Gradients of (x, y_base, a, s, b, core, out_scale, a0, b0); the formulas of
     svk.ops.sv_linear._backward without the base GEMM's (the base layer's autograd has them):
-    du = dy·b_eff, dp = du·core, dt = dp ⊙ s, ds = Σ_rows dp ⊙ t, dcore = duᵀ·p, da = dtᵀ·x."""
+    du = dy·b_eff, dp = du·core, dt = dp ⊙ s, ds = Σ_rows dp ⊙ t, dcore = duᵀ·p,
+    da = dtᵀ·x."""
     need_x, need_y, need_a, need_s, need_b, need_core, need_os = needs[:7]
     acc = t.dtype
     sf = cast(s, acc)
@@ -331,8 +332,8 @@ def sv_delta(x, y_base, a, s, b, *, core=None, out_scale=None, scaling=1.0, remo
 
 def sv_mixture_delta(x, y_base, a, lambdas, gate_in, gate_out, b, *, out_scale=None,
                      scaling=1.0, return_gates=False):
-    """Mo-SARA's mixture (svk.sv_mixture_linear) added onto y_base: y = y_base +
-    scaling·((t ⊙ g·lambdas)·bᵀ) ⊙ out_scale with t = x·aᵀ and g the rank-1 router's gates.
+    """Mo-SARA's mixture (svk.sv_mixture_linear) added onto y_base:
+    y = y_base + scaling·((t ⊙ g·lambdas)·bᵀ) ⊙ out_scale, t = x·aᵀ, g the router's gates.
     return_gates: also return g (..., m), detached, as sv_mixture_linear does."""
     r, _ = _check(x, y_base, a, b, out_scale, lambdas=lambdas, gate_in=gate_in,
                   gate_out=gate_out)
