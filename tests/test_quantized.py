@@ -569,3 +569,17 @@ def test_eval_mode_matches_the_twin_within_the_bases_own_eval_deviation(kind):
     with torch.no_grad():
         gap = (quantized(IDS).logits - twin(IDS).logits).abs().max().item()
     assert gap <= max(1e-5, 4 * e0)
+
+
+@pytest.mark.parametrize("kind", ["int8", "nf4", "torchao"])
+@pytest.mark.parametrize("method", ["lora", "lora_xs"])
+def test_from_linear_on_a_quantized_layer_gives_the_quantized_variant(kind, method):
+    """Method.from_linear(quantized layer) used to fail ("Only Tensors of floating point …
+    can require gradients" / "W must have a floating dtype … uint8")."""
+    _require(kind)
+    model = _quantize(torch.nn.Sequential(torch.nn.Linear(32, 24)), kind)
+    layer = METHODS[method].from_linear(model[0], rank=4)
+    assert isinstance(layer, QuantizedSVLinear) and isinstance(layer, METHODS[method])
+    x = torch.randn(3, 32)
+    # The update starts near 0 (LoRA: b = 0; LoRA-XS: core ~ N(0, 1e-5²) times S and scaling).
+    assert torch.allclose(layer(x), model[0](x), atol=1e-3)

@@ -179,7 +179,12 @@ class SVLinear(nn.Module):
                     **hparams) -> "SVLinear":
         """Wraps an nn.Linear or a GPT-2 Conv1D. The base weight is shared with ``linear``
         for nn.Linear (and frozen) unless the method rewrites it; Conv1D weights are copied
-        once into (out, in) layout. Hyperparameters by name, defaults from the papers."""
+        once into (out, in) layout. Hyperparameters by name, defaults from the papers. A
+        quantized base (bitsandbytes, torchao) gives the method's quantized variant."""
+        from svk.nn.quantized import is_quantized, quantized_class  # quantized imports base
+        if is_quantized(linear) and quantized_class(cls) is not cls:
+            return quantized_class(cls).from_linear(linear, backend=backend, generator=generator,
+                                                    dropout=dropout, **hparams)
         hp = cls.resolve_hparams(**hparams)
         weight, bias = linear_weight(linear)
         factors = cls.init_factors(weight.detach()[None], hp, generator=generator)[0]
