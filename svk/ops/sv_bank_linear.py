@@ -194,6 +194,8 @@ def _check_adapter_ids(adapter_ids, x, n_adapters, device_check=True):
     if n_adapters == 0:
         raise ValueError("cores holds 0 adapters: pass at least one (n_adapters, r, r) core, "
                          "or use the base layer alone")
+    if not device_check:        # validated by the caller (AdapterBank.activate) once per batch
+        return flat
     device_type = flat.device.type
     if device_type == "cpu" and not torch.compiler.is_compiling():
         low, high = int(flat.min()), int(flat.max())
@@ -201,7 +203,7 @@ def _check_adapter_ids(adapter_ids, x, n_adapters, device_check=True):
             bad = low if low < -1 else high
             raise ValueError(f"adapter_ids holds {bad}, outside [-1, {n_adapters - 1}]: cores has "
                              f"{n_adapters} adapters and -1 selects the base layer")
-    elif device_check and device_type != "meta":
+    elif device_type != "meta":
         ok = ((flat >= -1) & (flat < n_adapters)).all()
         torch._assert_async(ok, f"sv_bank_linear: adapter_ids outside [-1, {n_adapters - 1}]")
     return flat

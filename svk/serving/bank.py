@@ -55,7 +55,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from svk.ops import _checks, _dispatch
 from svk.ops.sv_bank_linear import _sv_bank_linear
+from svk.ops.sv_bank_linear import run as _run_bank
 
 __all__ = ["AdapterBank", "BankLinear"]
 
@@ -134,9 +136,27 @@ class BankLinear(nn.Module):
             return self._idle(x)
         if serving.layout:
             ids = _laid_out(self.name, x, ids, serving.layout)
-        return _sv_bank_linear(x, self.weight, self.a, self.s, self.b, self.cores, ids,
-                               bias=self.bias, scaling=self.scaling, backend=self.backend,
-                               device_check=False)
+        args = self.__dict__.get("_checked")
+        if args is None or _dispatch.autocast_dtype(x) is not None:
+            y = _sv_bank_linear(x, self.weight, self.a, self.s, self.b, self.cores, ids,
+                                bias=self.bias, scaling=self.scaling, backend=self.backend,
+                                device_check=False)
+            # The layer's tensors passed every check: later calls check only x (.to() and
+            # attribute assignment check everything again).
+            self.__dict__["_checked"] = (self.weight, self.a, self.s, self.b, self.cores,
+                                         self.bias, self.scaling, self.backend)
+            return y
+        weight, a, s, b, cores, bias, scaling, backend = args
+        _checks.activation(x, weight)
+        return _run_bank(x, weight, a, s, b, cores, ids, bias, scaling, backend, False)
+
+    def __setattr__(self, name, value):
+        self.__dict__.pop("_checked", None)
+        super().__setattr__(name, value)
+
+    def _apply(self, fn, *args, **kwargs):
+        self.__dict__.pop("_checked", None)
+        return super()._apply(fn, *args, **kwargs)
 
     def _idle(self, x):
         if self._serving.merged:
