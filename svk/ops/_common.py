@@ -20,11 +20,16 @@ def b_eff(b, out_scale, scaling, dtype):
     return folded if out_scale is None else folded * cast(out_scale, dtype)[:, None]
 
 
+_SMALL = 1 << 16
+
+
 def add_up_projection(y, u, b, out_scale, scaling):
     """y + scaling·(u·bᵀ) ⊙ out_scale for a fresh y in x's dtype and u (M, r): one addmm
     (in place into y unless scaling is 1, where F.linear(u, b, y) costs less host time)."""
     if out_scale is None:
-        if scaling == 1.0:      # F.linear's own addmm: no Python-side transpose, no alpha
+        if scaling == 1.0 and y.numel() <= _SMALL:
+            # F.linear's own addmm: no Python-side transpose, no alpha — less host time at
+            # decode sizes; larger outputs are updated in place (no second (M, out) tensor).
             return torch.nn.functional.linear(cast(u, y.dtype), cast(b, y.dtype), y)
         return y.addmm_(cast(u, y.dtype), cast(b, y.dtype).t(), alpha=scaling)
     folded = b_eff(b, out_scale, scaling, acc_dtype(y))
