@@ -583,3 +583,14 @@ def test_from_linear_on_a_quantized_layer_gives_the_quantized_variant(kind, meth
     x = torch.randn(3, 32)
     # The update starts near 0 (LoRA: b = 0; LoRA-XS: core ~ N(0, 1e-5²) times S and scaling).
     assert torch.allclose(layer(x), model[0](x), atol=1e-3)
+
+
+def test_forward_mode_ad_is_refused_not_zero():
+    """No tensor requires grad under torch.func.jvp: the op must still go through its
+    Function (whose jvp refuses) rather than return a zero tangent."""
+    _require("int8")
+    model = _quantize(torch.nn.Sequential(torch.nn.Linear(32, 24)), "int8")
+    layer = METHODS["lora"].from_linear(model[0], rank=4).requires_grad_(False)
+    x = torch.randn(3, 32)
+    with pytest.raises(RuntimeError, match="forward-mode AD"):
+        torch.func.jvp(layer, (x,), (torch.randn_like(x),))

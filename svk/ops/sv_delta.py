@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from svk.ops import _checks
 from svk.ops._common import acc_dtype, b_eff, cast, up_projection_grad
+from svk.ops._library import DifferentiableOp, _c_apply
 from svk.ops.sv_mixture_linear import _router, _router_backward
 
 _EMPTY = (0,)
@@ -43,8 +44,9 @@ def _schema(args, optional):
     return ", ".join(f"Tensor{'?' if a in optional else ''} {a}" for a in args)
 
 
-class _DeltaOp:
-    """op(*tensors, scaling) -> (y, *extras), eager Function or custom op while compiling."""
+class _DeltaOp(DifferentiableOp):
+    """op(*tensors, scaling) -> (y, *extras), eager Function or custom op while compiling
+    (DifferentiableOp.full chooses, as for the other ops)."""
 
     def __init__(self, name, args, optional, extras, forward, backward, fake_extras):
         n_in = len(args)
@@ -86,8 +88,13 @@ class _DeltaOp:
                                    "mode")
 
         Function.__name__ = Function.__qualname__ = f"{name}_function"
+        Function.n_in = n_in
+        Function.run_forward = staticmethod(lambda call: forward(*call))
+        Function.c_apply = _c_apply.__get__(None, Function)
         self.function = Function
         self.forward = forward
+        self._required = tuple(i for i, arg in enumerate(args) if arg not in optional)
+        self._optional = tuple(i for i, arg in enumerate(args) if arg in optional)
 
         outs = ", ".join(["Tensor"] * (1 + len(extras)))
         extra_schema = "".join(f", Tensor {e}" for e in extras)
@@ -137,21 +144,6 @@ class _DeltaOp:
             setup_context=lambda ctx, inputs, output: save(ctx, inputs, output))
         self.custom_op = forward_op
         self.backward_op = backward_op
-
-    def full(self, *call):
-        if torch.compiler.is_compiling():
-            return self.custom_op(*call)
-        device_type = call[0].device.type
-        if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
-            with torch.autocast(device_type, enabled=False):
-                return self._eager(call)
-        return self._eager(call)
-
-    def _eager(self, call):
-        if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
-                                           for t in call[:self.n_in]):
-            return self.function.apply(*call)
-        return self.forward(*call)
 
 
 # ---- sv_delta ---------------------------------------------------------------------------------
