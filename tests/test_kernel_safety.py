@@ -239,6 +239,10 @@ def test_every_kernel_is_registered_and_keys_every_launcher_constexpr():
         assert flag in _tuning.KERNELS["_xw_plus_ub_kernel"].keys
     for flag in ("HAS_S", "HAS_CORE", "WRITE_U", "A_TRANSPOSED", "DOT_PRECISION"):
         assert flag in _tuning.KERNELS["_x_at_kernel"].keys
+    # Issue 16.4: a config tuned without the in-kernel dropout mask (Philox in the K loop of
+    # one pass) is not the best one with it, nor the other way round.
+    for name in ("_x_at_kernel", "_xw_plus_ub_kernel", "_x_at_router_kernel"):
+        assert "DROPOUT" in _tuning.KERNELS[name].keys, name
 
 
 @triton.jit

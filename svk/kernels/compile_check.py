@@ -244,6 +244,12 @@ def _drive(cases):
             for c in (core, None):
                 y = svk.sv_linear(x, w, a, s, b, bias=bias, core=c, backend="triton")
                 y.float().sum().backward()
+            if strategy != "merged":
+                # Adapter dropout: Philox in the K loop (x_at, one pass), the masked r steps
+                # of dx, the dropped x for da (merged takes no dropout: it runs fused).
+                y = svk.sv_linear(x, w, a, s, b, bias=bias, core=core, backend="triton",
+                                  dropout=0.1)
+                y.float().sum().backward()
         _strategy(None)
         heads = 5
         lambdas = torch.randn(heads, r, generator=g).requires_grad_()
@@ -251,9 +257,10 @@ def _drive(cases):
         gate_out = torch.randn(heads, generator=g).requires_grad_()
         for fuse_t in (True, False):   # t inside the router kernel, or from x_at first
             router._fuse_t_by_default = lambda x: fuse_t
-            y = svk.sv_mixture_linear(x, w, a, lambdas, gate_in, gate_out, b, bias=bias,
-                                      backend="triton")
-            y.float().sum().backward()
+            for dropout in (0.0, 0.1):
+                y = svk.sv_mixture_linear(x, w, a, lambdas, gate_in, gate_out, b, bias=bias,
+                                          backend="triton", dropout=dropout)
+                y.float().sum().backward()
         if r <= 64:
             cores = torch.randn(3, r, r, generator=g)
             ids = torch.randint(-1, 3, (m,), generator=g)

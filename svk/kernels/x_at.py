@@ -3,6 +3,10 @@
 x is (M, K) and a is (R, K) with R small (the adapter rank): every program owns BLOCK_M rows
 and a BLOCK_R-wide slice of the rank, loops over K once, and writes only (M, R) fp32 results.
 The same kernel computes du = dy·b_eff in the backward (a = b_effᵀ through strides).
+
+With adapter dropout (DROPOUT) t = dropout(x)·aᵀ: each x tile is masked in registers by
+Philox numbers, a pure function of (seed, row, col) (_tiles.dropout_kept), so no mask is
+stored and the backward redraws the same one; du = dy·b_eff never drops anything.
 """
 import torch
 import triton
@@ -38,15 +42,15 @@ X_AT_STAGE_BYTES = prune_by_shared_memory(
 @_tuning.register
 @triton.autotune(configs=_CONFIGS,
                  key=["M_BUCKET", "K", "BLOCK_R", "HAS_S", "HAS_CORE", "WRITE_U",
-                      "A_TRANSPOSED", "DOT_PRECISION"],
+                      "A_TRANSPOSED", "DOT_PRECISION", "DROPOUT"],
                  prune_configs_by={"early_config_prune": X_AT_STAGE_BYTES})
-@triton.jit
+@triton.jit(do_not_specialize=["SEED"])   # a fresh seed per call must not recompile
 def _x_at_kernel(
     X, A, S, CORE, T, U,
     M, K, R, M_BUCKET,
     stride_xm, stride_xk, stride_ar, stride_ak, stride_s, stride_cr, stride_cc,
-    stride_tm, stride_tr, stride_um, stride_ur,
-    HAS_S: tl.constexpr, HAS_CORE: tl.constexpr, WRITE_U: tl.constexpr,
+    stride_tm, stride_tr, stride_um, stride_ur, SEED, P,
+    DROPOUT: tl.constexpr, HAS_S: tl.constexpr, HAS_CORE: tl.constexpr, WRITE_U: tl.constexpr,
     A_TRANSPOSED: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
@@ -58,7 +62,7 @@ def _x_at_kernel(
     row_ok = rows < M
     rank_ok = ranks < R
     acc = x_at_tile(X, A, rows, ranks, M, K, R, stride_xm, stride_xk, stride_ar, stride_ak,
-                    DOT_PRECISION, BLOCK_M, BLOCK_K, BLOCK_R)
+                    SEED, P, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_K, BLOCK_R)
 
     out_mask = row_ok[:, None] & rank_ok[None, :]
     tl.store(T + rows[:, None] * stride_tm + ranks[None, :] * stride_tr, acc, mask=out_mask)
@@ -75,12 +79,14 @@ def _x_at_kernel(
         tl.store(U + rows[:, None] * stride_um + ranks[None, :] * stride_ur, u, mask=out_mask)
 
 
-def x_at(x, a, s=None, core=None, *, a_transposed=False):
+def x_at(x, a, s=None, core=None, *, a_transposed=False, dropout=0.0, seed=0):
     """t = x·aᵀ (fp32, (M, R)) and, when s or core is given, u = (t ⊙ s)·coreᵀ (fp32).
 
     x: (M, K) activations (fp32/fp16/bf16). a: (R, K), or (K, R) when a_transposed (the
     backward passes b_eff this way), any float dtype (converted to x's once). s: (R,) or
     None, any stride (a slice or an expanded scalar). core: (R, R) or None.
+    dropout, seed: t = dropout(x)·aᵀ with the mask of (seed, row, col) (_tiles.dropout_kept),
+    kept entries scaled by 1/(1 − dropout); 0 = off (the kernel is then today's exactly).
     Returns (t, u); u is None when neither s nor core is given.
     """
     guard = check_device(x, a=a, s=s, core=core)
@@ -98,7 +104,7 @@ def x_at(x, a, s=None, core=None, *, a_transposed=False):
     if core is not None and rank_pad(R) > MAX_EPILOGUE_RANK:
         # The core epilogue needs the whole rank in registers; past that size the r×r product
         # is cheap next to the skinny GEMM, so it runs as a separate matmul.
-        t, u = x_at(x, a, s, None, a_transposed=a_transposed)
+        t, u = x_at(x, a, s, None, a_transposed=a_transposed, dropout=dropout, seed=seed)
         return t, (u if u is not None else t) @ core.t().float()
     block_r = rank_pad(R) if (core is not None or R <= MAX_EPILOGUE_RANK) else MAX_EPILOGUE_RANK
     t = torch.empty((M, R), device=x.device, dtype=torch.float32)
@@ -113,8 +119,8 @@ def x_at(x, a, s=None, core=None, *, a_transposed=False):
             x.stride(0), x.stride(1), stride_ar, stride_ak,
             s.stride(0) if s is not None else 0,
             core.stride(0) if core is not None else 0, core.stride(1) if core is not None else 0,
-            t.stride(0), t.stride(1), u.stride(0), u.stride(1),
-            HAS_S=s is not None, HAS_CORE=core is not None, WRITE_U=write_u,
+            t.stride(0), t.stride(1), u.stride(0), u.stride(1), seed, float(dropout),
+            DROPOUT=dropout != 0.0, HAS_S=s is not None, HAS_CORE=core is not None, WRITE_U=write_u,
             A_TRANSPOSED=a_transposed, DOT_PRECISION=dot_precision(x.dtype), BLOCK_R=block_r,
         )
     return t, (u if write_u else None)

@@ -40,8 +40,9 @@ def _x_at_gather_core_kernel(
     ranks = tl.arange(0, BLOCK_R).to(tl.int64)
     row_ok = rows < M
     rank_ok = ranks < R
+    # No adapter dropout here (seed 0, p 0, DROPOUT off): the bank serves inference.
     t = x_at_tile(X, A, rows, ranks, M, K, R, stride_xm, stride_xk, stride_ar, stride_ak,
-                  DOT_PRECISION, BLOCK_M, BLOCK_K, BLOCK_R)
+                  0, 0.0, False, DOT_PRECISION, BLOCK_M, BLOCK_K, BLOCK_R)
 
     out_mask = row_ok[:, None] & rank_ok[None, :]
     tl.store(T + rows[:, None] * stride_tm + ranks[None, :] * stride_tr, t, mask=out_mask)

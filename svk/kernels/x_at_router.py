@@ -106,15 +106,15 @@ _prune.estimate = _FITS_SHARED_MEMORY.estimate
 
 @_tuning.register
 @triton.autotune(configs=_CONFIGS,
-                 key=["M_BUCKET", "K", "R", "BLOCK_H", "T_GIVEN", "DOT_PRECISION"],
+                 key=["M_BUCKET", "K", "R", "BLOCK_H", "T_GIVEN", "DOT_PRECISION", "DROPOUT"],
                  prune_configs_by={"early_config_prune": _prune})
-@triton.jit
+@triton.jit(do_not_specialize=["SEED"])   # a fresh seed per call must not recompile
 def _x_at_router_kernel(
     X, A, GATE_IN, GATE_OUT, LAMBDAS, T, G, U,
     M, K, R, H, M_BUCKET,
     stride_xm, stride_xk, stride_ar, stride_ak, stride_gi, stride_go, stride_lh, stride_lr,
-    stride_tm, stride_tr, stride_gm, stride_gh, stride_um, stride_ur,
-    T_GIVEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    stride_tm, stride_tr, stride_gm, stride_gh, stride_um, stride_ur, SEED, P,
+    DROPOUT: tl.constexpr, T_GIVEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -134,7 +134,8 @@ def _x_at_router_kernel(
             t = tl.load(t_ptrs, mask=t_mask, other=0.0)
         else:
             t = x_at_tile(X, A, rows, r0 + rs, M, K, R, stride_xm, stride_xk, stride_ar,
-                          stride_ak, DOT_PRECISION, BLOCK_M, BLOCK_K, BLOCK_R)
+                          stride_ak, SEED, P, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_K,
+                          BLOCK_R)
             tl.store(t_ptrs, t, mask=t_mask)
         gate_in = tl.load(GATE_IN + (r0 + rs) * stride_gi, mask=rank_ok,
                           other=0.0).to(tl.float32)
@@ -180,13 +181,15 @@ def _fuse_t_by_default(x):
     return triton.cdiv(x.shape[0], _TYPICAL_BLOCK_M) >= _sm_count(index)
 
 
-def x_at_router(x, a, gate_in, gate_out, lambdas, *, fuse_t=None):
+def x_at_router(x, a, gate_in, gate_out, lambdas, *, fuse_t=None, dropout=0.0, seed=0):
     """t = x·aᵀ, g = softmax((t·gate_in) ⊗ gate_out), u = t ⊙ (g·lambdas), all fp32.
 
     x (M, K) activations (fp32/fp16/bf16); a (R, K); gate_in (R,); gate_out (H,);
     lambdas (H, R); adapter tensors in any float dtype. Returns (t (M, R), g (M, H), u (M, R)).
     fuse_t: compute t inside this kernel (True) or with the x_at kernel first (False);
     None picks by the number of row tiles (see the module docstring).
+    dropout, seed: t = dropout(x)·aᵀ, the mask drawn in-kernel from (seed, row, col)
+    either way t is computed (_tiles.dropout_kept); 0 = off.
     """
     guard = check_device(x, a=a, gate_in=gate_in, gate_out=gate_out, lambdas=lambdas)
     assert x.dim() == 2 and a.dim() == 2 and lambdas.dim() == 2, "x, a, lambdas must be 2-D"
@@ -200,7 +203,7 @@ def x_at_router(x, a, gate_in, gate_out, lambdas, *, fuse_t=None):
         a = as_operand(a, x)    # the tl.dot operand in x's dtype once, not per K tile
         t = torch.empty((M, R), device=x.device, dtype=torch.float32)
     else:
-        t, _ = x_at(x, a)
+        t, _ = x_at(x, a, dropout=dropout, seed=seed)
     g = torch.empty((M, H), device=x.device, dtype=torch.float32)
     u = torch.empty_like(t)
     if M == 0:
@@ -216,7 +219,8 @@ def x_at_router(x, a, gate_in, gate_out, lambdas, *, fuse_t=None):
             x.stride(0), x.stride(1), a.stride(0), a.stride(1), gate_in.stride(0),
             gate_out.stride(0), lambdas.stride(0), lambdas.stride(1),
             t.stride(0), t.stride(1), g.stride(0), g.stride(1), u.stride(0), u.stride(1),
-            T_GIVEN=not fuse_t, DOT_PRECISION=dot_precision(x.dtype), BLOCK_H=block_h,
+            seed, float(dropout), DROPOUT=dropout != 0.0 and fuse_t, T_GIVEN=not fuse_t,
+            DOT_PRECISION=dot_precision(x.dtype), BLOCK_H=block_h,
         )
     return t, g, u
 

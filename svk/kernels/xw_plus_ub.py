@@ -10,6 +10,12 @@ accumulates t = x·aᵀ for its rows from the x tiles it already loads for x·W�
 r-sized epilogue u = (t ⊙ s)·coreᵀ after the loop and adds u·vᵀ before the single store. x is
 read once and there is one launch; each N-tile recomputes t (R/BLOCK_N extra FLOPs). The
 programs of the first N-tile also store t for the backward.
+
+Adapter dropout (DROPOUT), the mask drawn from (seed, row, col) by Philox in registers
+(_tiles.dropout_kept), never stored: in one pass t = dropout(x)·aᵀ from the masked x tile
+while x·Wᵀ reads the tile as loaded (x is still read once); in the backward's
+dx = dy·W + keep ⊙ (dt·a)/(1 − p) the r steps run first and are masked by the same
+(row, col) mask (the output's columns are the input features), then the K loop adds dy·W.
 """
 import torch
 import triton
@@ -20,7 +26,7 @@ from svk.kernels._common import (EPILOGUE_PRECISION, LAUNCHES, MAX_EPILOGUE_RANK
                                  adapter_copy_bytes, as_operand, check_device, configs,
                                  core_epilogue_bytes, dot_precision, m_bucket,
                                  prune_by_shared_memory, rank_pad)
-from svk.kernels._tiles import grouped_tile, indices, xw_and_xa_tiles
+from svk.kernels._tiles import dropout_kept, grouped_tile, indices, xw_and_xa_tiles
 
 _EPILOGUE = tl.constexpr(EPILOGUE_PRECISION)
 
@@ -63,10 +69,34 @@ def _prune(configs_, args, **kwargs):
     B/thread on sm_90 at r = 64 (compile_check): keep tiles of at most 64 rows there."""
     if kwargs.get("ONE_PASS"):
         configs_ = [c for c in configs_ if c.kwargs["BLOCK_M"] <= 64] or configs_
+    elif kwargs.get("DROPOUT"):
+        # dx's dropout mask is drawn over the whole output tile at once: past 64 elements per
+        # thread the Philox state spilled 56–424 B/thread on sm_90 (compile_check, r = 16).
+        configs_ = [c for c in configs_
+                    if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 32 * c.num_warps
+                    ] or configs_
     return XW_XA_STAGE_BYTES(configs_, args, **kwargs)
 
 
 _prune.estimate = XW_XA_STAGE_BYTES.estimate
+
+
+@triton.jit
+def _u_vt(acc, X, U, V, rows, cols, rs, M, N, R, stride_um, stride_ur, stride_vn, stride_vr,
+          DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr):
+    """acc + u[rows]·v[cols]ᵀ as R extra steps of the K loop: u is small, so it streams in
+    BLOCK_R chunks; both operands in x's dtype for tl.dot."""
+    row_ok = rows < M
+    col_ok = cols < N
+    for r0 in range(0, R, BLOCK_R):
+        r_ok = (r0 + rs) < R
+        u = tl.load(U + rows[:, None] * stride_um + (r0 + rs)[None, :] * stride_ur,
+                    mask=row_ok[:, None] & r_ok[None, :], other=0.0)
+        v_t = tl.load(V + cols[None, :] * stride_vn + (r0 + rs)[:, None] * stride_vr,
+                      mask=r_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = tl.dot(u.to(X.dtype.element_ty), v_t.to(X.dtype.element_ty), acc,
+                     input_precision=DOT_PRECISION)
+    return acc
 
 
 # Every constexpr the launcher sets is part of the key (the transposed operands of the
@@ -75,16 +105,17 @@ _prune.estimate = XW_XA_STAGE_BYTES.estimate
 @triton.autotune(configs=_CONFIGS,
                  key=["M_BUCKET", "N", "K", "R", "ONE_PASS", "HAS_BIAS", "HAS_LOWRANK", "HAS_S",
                       "HAS_CORE", "STORE_T", "W_TRANSPOSED", "V_TRANSPOSED", "DOT_PRECISION",
-                      "BLOCK_R"],
+                      "BLOCK_R", "DROPOUT"],
                  prune_configs_by={"early_config_prune": _prune})
-@triton.jit
+@triton.jit(do_not_specialize=["SEED"])   # a fresh seed per call must not recompile
 def _xw_plus_ub_kernel(
     X, W, U, V, BIAS, A, S, CORE, T, Y,
     M, N, K, R, M_BUCKET,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_um, stride_ur, stride_vn, stride_vr,
     stride_bias, stride_ar, stride_ak, stride_s, stride_cr, stride_cc, stride_tm, stride_tr,
-    stride_ym, stride_yn,
-    HAS_BIAS: tl.constexpr, HAS_LOWRANK: tl.constexpr, ONE_PASS: tl.constexpr,
+    stride_ym, stride_yn, SEED, P,
+    DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LOWRANK: tl.constexpr,
+    ONE_PASS: tl.constexpr,
     HAS_S: tl.constexpr, HAS_CORE: tl.constexpr, STORE_T: tl.constexpr,
     W_TRANSPOSED: tl.constexpr, V_TRANSPOSED: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -97,8 +128,17 @@ def _xw_plus_ub_kernel(
     rs = tl.arange(0, BLOCK_R).to(tl.int64)
     row_ok = rows < M
     col_ok = cols < N
-    acc, t = xw_and_xa_tiles(X, W, A, rows, cols, rs, M, N, K, R, stride_xm, stride_xk,
-                             stride_wn, stride_wk, stride_ar, stride_ak, ONE_PASS, DOT_PRECISION,
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if DROPOUT and HAS_LOWRANK and not ONE_PASS:
+        # dx = dy·W + keep ⊙ (dt·a)/(1 − p): the r steps first, masked, then the K loop adds
+        # onto them, so one (BLOCK_M, BLOCK_N) accumulator is live at a time, not two.
+        acc = _u_vt(acc, X, U, V, rows, cols, rs, M, N, R, stride_um, stride_ur, stride_vn,
+                    stride_vr, DOT_PRECISION, BLOCK_R)
+        acc = tl.where(dropout_kept(SEED, rows, pid_n * BLOCK_N, N, P, BLOCK_N),
+                       acc * (1.0 / (1.0 - P)), 0.0)
+    acc, t = xw_and_xa_tiles(acc, X, W, A, rows, cols, rs, M, N, K, R, stride_xm, stride_xk,
+                             stride_wn, stride_wk, stride_ar, stride_ak, SEED, P,
+                             DROPOUT, ONE_PASS, DOT_PRECISION,
                              BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R)
 
     if HAS_LOWRANK:
@@ -120,16 +160,9 @@ def _xw_plus_ub_kernel(
                           mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
             acc = tl.dot(u.to(X.dtype.element_ty), v_t.to(X.dtype.element_ty), acc,
                          input_precision=DOT_PRECISION)
-        else:
-            # R extra steps of the K loop: u is small, so it streams in BLOCK_R chunks.
-            for r0 in range(0, R, BLOCK_R):
-                r_ok = (r0 + rs) < R
-                u = tl.load(U + rows[:, None] * stride_um + (r0 + rs)[None, :] * stride_ur,
-                            mask=row_ok[:, None] & r_ok[None, :], other=0.0)
-                v_t = tl.load(V + cols[None, :] * stride_vn + (r0 + rs)[:, None] * stride_vr,
-                              mask=r_ok[:, None] & col_ok[None, :], other=0.0)
-                acc = tl.dot(u.to(X.dtype.element_ty), v_t.to(X.dtype.element_ty), acc,
-                             input_precision=DOT_PRECISION)
+        elif not DROPOUT:       # (with DROPOUT the masked r steps ran before the K loop)
+            acc = _u_vt(acc, X, U, V, rows, cols, rs, M, N, R, stride_um, stride_ur, stride_vn,
+                        stride_vr, DOT_PRECISION, BLOCK_R)
 
     if HAS_BIAS:
         acc += tl.load(BIAS + cols * stride_bias, mask=col_ok,
@@ -139,7 +172,7 @@ def _xw_plus_ub_kernel(
 
 
 def _launch(x, w, w_transposed, v, v_transposed, bias, *, u=None, a=None, s=None, core=None,
-            store_t=False):
+            store_t=False, dropout=0.0, seed=0):
     guard = check_device(x, w=w, v=v, bias=bias, u=u, a=a, s=s, core=core)
     # The GEMM's adapter operands in x's dtype once, before their strides are read.
     if v is not None:
@@ -178,8 +211,9 @@ def _launch(x, w, w_transposed, v, v_transposed, bias, *, u=None, a=None, s=None
             s.stride(0) if s is not None else 0,
             core.stride(0) if core is not None else 0, core.stride(1) if core is not None else 0,
             t.stride(0) if store_t else 0, t.stride(1) if store_t else 0,
-            y.stride(0), y.stride(1),
-            HAS_BIAS=bias is not None, HAS_LOWRANK=has_lowrank, ONE_PASS=one_pass,
+            y.stride(0), y.stride(1), seed, float(dropout),
+            DROPOUT=dropout != 0.0, HAS_BIAS=bias is not None, HAS_LOWRANK=has_lowrank,
+            ONE_PASS=one_pass,
             HAS_S=s is not None, HAS_CORE=core is not None, STORE_T=store_t,
             W_TRANSPOSED=w_transposed, V_TRANSPOSED=v_transposed,
             DOT_PRECISION=dot_precision(x.dtype), BLOCK_R=block_r,
@@ -187,17 +221,26 @@ def _launch(x, w, w_transposed, v, v_transposed, bias, *, u=None, a=None, s=None
     return y, (t if store_t else None)
 
 
-def xw_plus_ub(x, w, u=None, v=None, bias=None, *, w_transposed=False, v_transposed=False):
+def xw_plus_ub(x, w, u=None, v=None, bias=None, *, w_transposed=False, v_transposed=False,
+               dropout=0.0, seed=0):
     """y = x·Wᵀ + u·vᵀ + bias in one kernel, y in x's dtype.
 
     x (M, K); w (N, K), or (K, N) when w_transposed; u (M, R) fp32 and v (N, R), or (R, N)
     when v_transposed; bias (N,). u and v are both given or both None.
+    dropout, seed (the backward's dx = dy·W + dt·a of a dropped adapter input): the u·vᵀ term
+    is masked by the (M, N) input's dropout mask (_tiles.dropout_kept) and scaled by
+    1/(1 − dropout); 0 = off.
     """
     assert (u is None) == (v is None)
-    return _launch(x, w, w_transposed, v, v_transposed, bias, u=u)[0]
+    assert dropout == 0.0 or u is not None, "dropout masks the low-rank term"
+    return _launch(x, w, w_transposed, v, v_transposed, bias, u=u, dropout=dropout,
+                   seed=seed)[0]
 
 
-def xw_plus_xasb(x, w, a, v, bias=None, *, s=None, core=None, store_t=True):
+def xw_plus_xasb(x, w, a, v, bias=None, *, s=None, core=None, store_t=True, dropout=0.0,
+                 seed=0):
     """One pass over x: y = x·Wᵀ + ((x·aᵀ ⊙ s)·coreᵀ)·vᵀ + bias; returns (y, t) with
-    t = x·aᵀ (fp32) when store_t. a (R, K), v (N, R), R ≤ 128."""
-    return _launch(x, w, False, v, False, bias, a=a, s=s, core=core, store_t=store_t)
+    t = x·aᵀ (fp32) when store_t. a (R, K), v (N, R), R ≤ 128. dropout, seed: x·aᵀ reads
+    dropout(x) (x·Wᵀ reads x), so t = dropout(x)·aᵀ; 0 = off."""
+    return _launch(x, w, False, v, False, bias, a=a, s=s, core=core, store_t=store_t,
+                   dropout=dropout, seed=seed)

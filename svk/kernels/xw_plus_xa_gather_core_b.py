@@ -53,8 +53,11 @@ def _xw_plus_xa_gather_core_b_kernel(
     row_ok = rows < M
     col_ok = cols < N
     rank_ok = ranks < R
-    acc, t = xw_and_xa_tiles(X, W, A, rows, cols, ranks, M, N, K, R, stride_xm, stride_xk,
-                             stride_wn, stride_wk, stride_ar, stride_ak, True, DOT_PRECISION,
+    # No adapter dropout here (seed 0, p 0, DROPOUT off): the bank serves inference.
+    acc, t = xw_and_xa_tiles(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), X, W, A, rows,
+                             cols, ranks, M, N, K, R, stride_xm, stride_xk,
+                             stride_wn, stride_wk, stride_ar, stride_ak, 0, 0.0, False, True,
+                             DOT_PRECISION,
                              BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R)
 
     if STORE_T:
