@@ -70,21 +70,39 @@ def down_projection_rank(a, in_features):
 
 
 def input_side_grads(dy, x, weight, a, dt, *, need_x, need_w, need_a, triton, w_eff=None,
-                     keep=None):
+                     dropout=0.0, seed=0):
     """The gradients every op shares once dt (M, r) is known, as (dx, dW, da), None where
     not needed:  dx = dy·W + dt·a (one GEMM-plus-r kernel on the Triton path, or dy·W_eff
     for the merged strategy),  dW = dyᵀ·x,  da = dtᵀ·x.
 
-    keep: the adapter-input dropout mask (dropout_keep), or None. With it the adapter saw
-    x ⊙ keep, so dx = dy·W + (dt·a) ⊙ keep and da = dtᵀ·(x ⊙ keep); the base GEMM saw x."""
+    dropout, seed: the adapter saw x ⊙ keep (keep scaled by 1/(1 − dropout)), so
+    dx = dy·W + (dt·a) ⊙ keep and da = dtᵀ·(x ⊙ keep); the base GEMM saw x. The mask is
+    regenerated from the seed as the forward drew it: dropout_keep on the PyTorch path; on
+    the Triton path Philox in the kernels (dx's r steps masked in the GEMM kernel; for da the
+    dropped x is written once, transiently, by kernels.dropped_input)."""
     dx = dw = da = None
-    if keep is not None:
-        if need_x:
-            dx = torch.addcmul(dy @ weight, cast(dt, dy.dtype) @ cast(a, dy.dtype), keep)
+    if dropout != 0.0:
+        assert w_eff is None, "the merged strategy cannot take adapter dropout"
+        scale = 1.0 / (1.0 - dropout)
+        if triton:
+            from svk import kernels
+            if need_x:
+                dx = kernels.xw_plus_ub(dy, weight, dt, a, w_transposed=True, v_transposed=True,
+                                        dropout=dropout, seed=seed)
+            if need_a:
+                # The scale applied once in a's dtype (fp32 for fp32 adapters), not to x.
+                da = cast(cast(dt, x.dtype).t() @ kernels.dropped_input(x, dropout, seed),
+                          a.dtype) * scale
+        else:
+            # x may be an empty stand-in when only dx is needed: the shape comes from dy, W.
+            keep = dropout_keep((dy.shape[0], weight.shape[1]), dy, dropout, seed) if (
+                need_x or need_a) else None
+            if need_x:
+                dx = torch.addcmul(dy @ weight, cast(dt, dy.dtype) @ cast(a, dy.dtype), keep)
+            if need_a:
+                da = cast(cast(dt, x.dtype).t() @ (x * keep), a.dtype)
         if need_w:
             dw = dy.t() @ x
-        if need_a:
-            da = cast(cast(dt, x.dtype).t() @ (x * keep), a.dtype)
         return dx, dw, da
     if need_x:
         if w_eff is not None:

@@ -158,15 +158,13 @@ def choose_strategy(m, in_features, out_features, padded_rank, max_epilogue_rank
     return "fused"
 
 
-def dropout_strategy(requested):
-    """The strategy for a call with adapter dropout. The Triton kernels do not draw dropout
-    masks, so auto dispatch runs such calls (training steps) on the PyTorch path, and a
-    forced backend="triton" (or SVK_BACKEND=triton) refuses rather than drop nothing."""
-    if requested == "triton" or (requested == "auto" and SETTINGS.backend == "triton"):
-        raise NotImplementedError(
-            "adapter dropout runs on the PyTorch path only: the Triton kernels do not draw "
-            "dropout masks; use backend='auto' or 'torch', or dropout=0")
-    return "torch"
+def dropout_strategy(strategy):
+    """The strategy for a call with adapter dropout, given the one chosen without it. Every
+    strategy draws the mask in-kernel (Philox from a seed, regenerated in backward) except
+    merged: W_eff folds the adapter into the weight the base GEMM reads with x, so there is
+    no adapter input to drop. A merged choice (the rule's, or SVK_STRATEGY=merged) runs as
+    fused, the same arithmetic on the same weights, since merging is a speed choice only."""
+    return "fused" if strategy == "merged" else strategy
 
 
 def m_bucket(m):

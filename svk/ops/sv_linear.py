@@ -32,11 +32,16 @@ def _forward(x, weight, a, s, b, bias, core, out_scale, scaling, dropout, seed, 
     from svk import kernels
     b_eff = _b_eff(b, out_scale, scaling, acc)
     if strategy == "one_pass":
-        return kernels.xw_plus_xasb(x, weight, a, b_eff, bias, s=s, core=core)
+        return kernels.xw_plus_xasb(x, weight, a, b_eff, bias, s=s, core=core, dropout=dropout,
+                                    seed=seed)
     if strategy == "merged":
+        # W_eff folds the adapter into the base weight, which sees x: no place for a mask
+        # (run routes dropout calls to fused).
+        assert dropout == 0.0, "the merged strategy cannot take adapter dropout"
         t, _ = kernels.x_at(x, a)
         return kernels.xw_plus_ub(x, _merged_weight(weight, a, s, b_eff, core), bias=bias), t
-    t, u = kernels.x_at(x, a, s, core)
+    # The mask falls on x·aᵀ only (x_at draws it in-kernel); the base GEMM reads x.
+    t, u = kernels.x_at(x, a, s, core, dropout=dropout, seed=seed)
     return kernels.xw_plus_ub(x, weight, u, b_eff, bias), t
 
 
@@ -65,7 +70,8 @@ def _backward(dy, x, weight, a, s, b, bias, core, out_scale, t, scaling, dropout
 
     Only t is saved (u and p are recomputed from it in O(M·r²)); no (M, out) tensor other
     than dy exists. With adapter dropout (t = (x ⊙ keep)·aᵀ) the mask is regenerated from
-    its seed: dx = dy·W + (dt·a) ⊙ keep and da = dtᵀ·(x ⊙ keep).
+    its seed: dx = dy·W + (dt·a) ⊙ keep and da = dtᵀ·(x ⊙ keep) (input_side_grads; on the
+    Triton path the kernels redraw it with Philox, as the forward's kernels drew it).
     """
     need_x, need_w, need_a, need_s, need_b, need_bias, need_core, need_os = needs
     acc = acc_dtype(x)
@@ -84,11 +90,9 @@ def _backward(dy, x, weight, a, s, b, bias, core, out_scale, t, scaling, dropout
     dt = dp * sf
     p = t * sf
     grads = [None] * 8
-    keep = dropout_keep((dy.shape[0], weight.shape[1]), dy, dropout, seed) if (
-        dropout != 0.0 and (need_x or need_a)) else None
     grads[0], grads[1], grads[2] = input_side_grads(
         dy, x, weight, a, dt, need_x=need_x, need_w=need_w, need_a=need_a,
-        triton=triton_path, w_eff=w_eff, keep=keep)
+        triton=triton_path, w_eff=w_eff, dropout=dropout, seed=seed)
     if need_s:
         grads[3] = cast((dp * t).sum(0), s.dtype)
     if need_b or need_os:
@@ -133,7 +137,11 @@ def sv_linear(x, weight, a, s, b, *, bias=None, core=None, out_scale=None, scali
     backend: "auto" (PyTorch on CPU; on CUDA the fastest of PyTorch and the Triton
     strategies, timed once per shape bucket), "triton" or "torch".
     dropout: probability p of zeroing each element of the adapter path's input (t =
-    dropout(x)·aᵀ; the base GEMM sees x), drawn from torch's default generator; 0 = off.
+    dropout(x)·aᵀ; the base GEMM sees x); 0 = off. Each call draws a seed from torch's
+    default generator (torch.manual_seed makes it deterministic); the mask comes from that
+    seed (PyTorch: a seeded torch.Generator; Triton: Philox in the kernels) and is redrawn
+    in backward, never stored. The merged strategy has no adapter input to drop, so dropout
+    calls run fused instead.
     """
     x, weight, bias = _dispatch.autocast_base(x, weight, bias)
     check(x, weight, a, s, b, bias, core, out_scale)
@@ -182,23 +190,22 @@ def check(x, weight, a, s, b, bias, core, out_scale):
 
 def run(x, weight, a, s, b, bias, core, out_scale, scaling, backend, dropout=0.0):
     """sv_linear on checked arguments: backend and strategy choice, then one op call."""
-    requested = backend
     backend = _dispatch.resolve_backend(backend, x)
     flat = x.dim() != 2
     x2 = x.reshape(-1, weight.shape[1]) if flat else x
+    seed = 0 if dropout == 0.0 else draw_seed()
     if backend == "torch":
         strategy = "torch"
-    elif dropout != 0.0:
-        strategy = _dispatch.dropout_strategy(requested)
     else:
-        strategy = _strategy(x2, weight, a, s, b, bias, core, out_scale, scaling)
-    seed = 0 if dropout == 0.0 else draw_seed()
+        strategy = _strategy(x2, weight, a, s, b, bias, core, out_scale, scaling, dropout)
+        if dropout != 0.0:
+            strategy = _dispatch.dropout_strategy(strategy)
     y = sv_linear_op(x2, weight, a, s, b, bias, core, out_scale, scaling, dropout, seed,
                      strategy)
     return y.reshape(*x.shape[:-1], weight.shape[0]) if flat else y
 
 
-def _strategy(x, weight, a, s, b, bias, core, out_scale, scaling):
+def _strategy(x, weight, a, s, b, bias, core, out_scale, scaling, dropout=0.0):
     m, (out_features, in_features), r = x.shape[0], weight.shape, a.shape[0]
     padded = rank_pad(r)
     if _dispatch.forced_strategy() is not None or not _dispatch.measured_choice(x.device):
@@ -206,10 +213,12 @@ def _strategy(x, weight, a, s, b, bias, core, out_scale, scaling):
                                          MAX_EPILOGUE_RANK, x.device, weight.dtype)
     key = (f"sv_linear|m{_dispatch.m_bucket(m)}|{in_features}x{out_features}|r{r}|"
            f"{x.dtype}|{a.dtype}|bias{bias is not None}|core{core is not None}|"
-           f"os{out_scale is not None}")
+           f"os{out_scale is not None}" + ("|dropout" if dropout != 0.0 else ""))
     candidates = ["torch", "fused"]
     if padded <= MAX_EPILOGUE_RANK:
         candidates.append("one_pass")
-    call = (x, weight, a, s, b, bias, core, out_scale, scaling, 0.0, 0)
+    # Timed with dropout on where the call has it: one pass then draws the mask in every
+    # N-tile, which may change the winner.
+    call = (x, weight, a, s, b, bias, core, out_scale, scaling, dropout, 1)
     return _dispatch.TUNER.choose(key, x.device, {
         name: (lambda name=name: _forward(*call, name)) for name in candidates})

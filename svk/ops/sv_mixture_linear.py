@@ -66,7 +66,8 @@ def _forward(x, weight, a, lambdas, gate_in, gate_out, b, bias, out_scale, scali
     b_eff = _b_eff(b, out_scale, scaling, _acc_dtype(x))
     from svk.kernels import xw_plus_ub
     from svk.kernels.x_at_router import x_at_router
-    t, g, u = x_at_router(x, a, gate_in, gate_out, lambdas)
+    # The mask falls on x·aᵀ only (drawn in-kernel); the base GEMM reads x.
+    t, g, u = x_at_router(x, a, gate_in, gate_out, lambdas, dropout=dropout, seed=seed)
     return xw_plus_ub(x, weight, u, b_eff, bias), t, g
 
 
@@ -94,6 +95,8 @@ def _backward(dy, x, weight, a, lambdas, gate_in, gate_out, b, bias, out_scale, 
     (u and s_eff are recomputed from them); no (M, out) tensor other than dy itself exists.
     On the Triton backend that work is one kernel, x_at_router_backward (t and du read twice,
     dt and u written once); the "torch" strategy runs the same formulas as PyTorch ops.
+    With adapter dropout (t = (x ⊙ keep)·aᵀ) the mask is redrawn from its seed:
+    dx = dy·W + (dt·a) ⊙ keep and da = dtᵀ·(x ⊙ keep) (input_side_grads).
     """
     need_x, need_w, need_a, need_lam, need_gi, need_go, need_b, need_bias, need_os = needs
     acc = t.dtype
@@ -119,11 +122,9 @@ def _backward(dy, x, weight, a, lambdas, gate_in, gate_out, b, bias, out_scale, 
             grads[4] = dgate_in.to(gate_in.dtype)
         if need_go:
             grads[5] = dgate_out.to(gate_out.dtype)
-    keep = dropout_keep((dy.shape[0], weight.shape[1]), dy, dropout, seed) if (
-        dropout != 0.0 and (need_x or need_a)) else None
     grads[0], grads[1], grads[2] = input_side_grads(
         dy, x, weight, a, dt, need_x=need_x, need_w=need_w, need_a=need_a,
-        triton=strategy != "torch", keep=keep)
+        triton=strategy != "torch", dropout=dropout, seed=seed)
     if need_u:
         if u is None:
             u = (t * (g @ lambdas.to(acc))).to(dy.dtype)
@@ -177,7 +178,9 @@ def sv_mixture_linear(x, weight, a, lambdas, gate_in, gate_out, b, *, bias=None,
     weight; see the module docstring).
 
     dropout: probability of zeroing each element of the adapter path's input (t =
-    dropout(x)·aᵀ; the base GEMM sees x); 0 = off.
+    dropout(x)·aᵀ; the base GEMM sees x); 0 = off. The mask comes from a seed each call draws
+    from torch's default generator (Triton: Philox in the kernels) and is redrawn in
+    backward, never stored.
 
     return_gates: when True, returns (y, gates) where gates (..., m) are the router's
     per-token head weights g, detached, in fp32 (fp64 for fp64 x) — the very tensor the
@@ -220,11 +223,7 @@ def run(x, weight, a, lambdas, gate_in, gate_out, b, bias, out_scale, scaling, b
         return_gates=False, dropout=0.0):
     """sv_mixture_linear on checked arguments."""
     strategy = _strategy(_dispatch.resolve_backend(backend, x))
-    seed = 0
-    if dropout != 0.0:
-        seed = draw_seed()
-        if strategy != "torch":
-            strategy = _dispatch.dropout_strategy(backend)
+    seed = 0 if dropout == 0.0 else draw_seed()
     out_features = weight.shape[0]
     flat = x.dim() != 2
     x2 = x.reshape(-1, weight.shape[1]) if flat else x
