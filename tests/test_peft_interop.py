@@ -411,3 +411,19 @@ def test_import_missing_module_raises(tmp_path):
     other = nn.Sequential(nn.Linear(64, 64))
     with pytest.raises(ValueError, match="does not have"):
         import_peft(other, tmp_path)
+
+
+def test_import_keeps_peft_lora_dropout(tmp_path):
+    """PEFT's lora_dropout becomes the svk layers' adapter dropout (and an invalid one is
+    refused before the model changes)."""
+    _write_checkpoint(tmp_path, {"lora_dropout": 0.1})
+    model = tiny_llama()
+    svk.import_peft(model, tmp_path)
+    layers = svk.integrations.adapted_layers(model)
+    assert layers and all(layer.dropout == 0.1 for layer in layers.values())
+    assert model._svk_config.dropout == 0.1
+    _write_checkpoint(tmp_path, {"lora_dropout": 1.5})
+    fresh = tiny_llama()
+    with pytest.raises(ValueError, match="dropout must be in"):
+        svk.import_peft(fresh, tmp_path)
+    assert not svk.integrations.adapted_layers(fresh)

@@ -349,6 +349,8 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, *,
         scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
         plans.append((name, module, weight, bias, parts, r, alpha, scaling))
 
+    from svk.ops._checks import dropout as _check_dropout
+    dropout = _check_dropout(float(config.get("lora_dropout") or 0.0))    # PEFT's lora_dropout
     for param in root.parameters():
         param.requires_grad_(False)
     built = {}
@@ -376,6 +378,7 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, *,
                 layer = (quantized_class(KaSALinear)(module, **args) if is_quantized(module)
                          else KaSALinear(truncated, bias, **args))
             layer.from_conv1d = is_conv1d(module)
+            layer.dropout = dropout
             built[name] = layer
     for name, layer in built.items():
         parent, _, child = name.rpartition(".")
@@ -386,7 +389,7 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, *,
     if kasa is not None:
         hparams.update(beta=kasa.get("beta", 1e-4), gamma=kasa.get("gamma", 1e-3))
     root._svk_config = AdapterConfig(method=method, target_modules=sorted(built), seed=None,
-                                     backend=backend, **hparams)
+                                     backend=backend, dropout=dropout, **hparams)
     count = trainable_parameters(root)
     return InjectionSummary(
         method=method,
