@@ -26,7 +26,7 @@ import pytest
 import torch
 
 import svk
-from benchmarks.utils import as_result, environment, interleaved
+from benchmarks.utils import CPU_FAMILY, as_result, environment, interleaved, one_thread  # noqa: F401
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 MODEL = dict(vocab_size=512, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
@@ -38,19 +38,7 @@ ROUNDS = int(os.environ.get("SVK_BENCH_DECODE_ROUNDS", "7"))
 METHODS = {"lora_xs": dict(rank=RANK), "sara": {}, "mosara": {}, "kasa": dict(rank=RANK),
            "siva": {}, "lora": dict(rank=RANK), "pissa": dict(rank=RANK)}
 DEVICE = torch.device("cpu")
-# A CPU family (issue 12's targets are CPU ratios): on a CUDA machine it would only spend a GPU
-# session's minutes on the host's CPU, so it runs there only when asked.
-pytestmark = pytest.mark.skipif(
-    torch.cuda.is_available() and os.environ.get("SVK_BENCH_CPU_FAMILIES") != "1",
-    reason="CPU family; SVK_BENCH_CPU_FAMILIES=1 runs it on a CUDA machine too")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(int(os.environ.get("SVK_BENCH_THREADS", "1")))
-    yield
-    torch.set_num_threads(previous)
+pytestmark = CPU_FAMILY
 
 
 @pytest.fixture(scope="module")

@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import svk
-from benchmarks.utils import as_result, calls_for, environment, interleaved
+from benchmarks.utils import (CPU_FAMILY, as_result, calls_for, environment, interleaved,  # noqa: F401
+                              one_thread)
 from svk import reference
 
 M, IN, OUT, R, HEADS, ADAPTERS = 1, 64, 64, 8, 5, 4
@@ -43,20 +44,7 @@ ROUNDS = int(os.environ.get("SVK_BENCH_ROUNDS", "15"))
 DEVICE = torch.device("cpu")   # host overhead: the CPU family (a GPU run adds nothing here)
 MODES = ["fwd", "fwd no_grad", "fwd+bwd"]
 PROVIDERS = ["svk", "reference", "base"]
-# A CPU family (issue 12's targets are CPU ratios): on a CUDA machine it would only spend a GPU
-# session's minutes on the host's CPU, so it runs there only when asked.
-pytestmark = pytest.mark.skipif(
-    torch.cuda.is_available() and os.environ.get("SVK_BENCH_CPU_FAMILIES") != "1",
-    reason="CPU family; SVK_BENCH_CPU_FAMILIES=1 runs it on a CUDA machine too")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One thread, as issue 12's targets are stated (and a shared machine's threads swamp µs)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(int(os.environ.get("SVK_BENCH_THREADS", "1")))
-    yield
-    torch.set_num_threads(previous)
+pytestmark = CPU_FAMILY
 
 
 def _rand(g, *shape, scale=1.0, grad=False):

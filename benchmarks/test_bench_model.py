@@ -16,7 +16,7 @@ import os
 import pytest
 import torch
 
-from benchmarks.utils import measure, saved_bytes
+from benchmarks.utils import measure_training_step
 from svk import reference
 from svk.integrations import AdapterConfig, adapted_layers, inject
 
@@ -85,31 +85,8 @@ def test_model_training_step(benchmark, method, provider):
     benchmark.group = (f"model step {method} llama h{hidden} i{intermediate} L{layers} "
                        f"tokens{batch * sequence} r{RANK}")
     model = _prepare(method, provider)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
-    ids = torch.randint(0, 1024, (batch, sequence), device=DEVICE,
-                        generator=torch.Generator(device=DEVICE).manual_seed(0))
-
-    def forward():
-        return model(input_ids=ids, labels=ids).loss
-
-    def step():
-        loss = forward()
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    import transformers
-    try:
-        import peft
-        peft_version = peft.__version__
-    except ImportError:
-        peft_version = None
-    held = list(model.parameters()) + [ids]
-    measure(benchmark, step, DEVICE, provider=provider, rounds=None if CUDA else 5,
-            method=method, family="model", short=f"model step {method}",
-            hidden=hidden, intermediate=intermediate, layers=layers,
-            tokens=batch * sequence, rank=RANK, dtype=str(DTYPE), targets=TARGETS,
-            trainable=sum(p.numel() for p in params),
-            saved_bytes=saved_bytes(forward, exclude=held),
-            peft=peft_version, transformers=transformers.__version__)
+    measure_training_step(benchmark, model, DEVICE, provider=provider,
+                          rounds=None if CUDA else 5, method=method, family="model",
+                          short=f"model step {method}", hidden=hidden,
+                          intermediate=intermediate, layers=layers, tokens=(batch, sequence),
+                          rank=RANK, dtype=str(DTYPE), targets=TARGETS)

@@ -8,6 +8,7 @@ versions in `benchmark.extra_info`.
 import os
 import platform
 
+import pytest
 import torch
 
 
@@ -178,3 +179,52 @@ def as_result(name, group, seconds, **extra):
     return {"name": name, "group": group, "stats": stats,
             "extra_info": dict(extra, median_ms=median * 1e3, p20_ms=quantile(ms, 0.2),
                                p80_ms=quantile(ms, 0.8))}
+
+
+def measure_training_step(benchmark, model, device, *, provider, rounds, **info):
+    """One AdamW training step of a causal LM on fixed token ids (the model benchmarks'
+    case): times it through `measure`, with the trainable count, the bytes the forward saves
+    for backward and the transformers/peft versions in extra_info. info must hold `tokens`
+    as (batch, sequence)."""
+    import transformers
+    try:
+        import peft
+        peft_version = peft.__version__
+    except ImportError:
+        peft_version = None
+    batch, sequence = info.pop("tokens")
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    ids = torch.randint(0, 1024, (batch, sequence), device=device,
+                        generator=torch.Generator(device=device).manual_seed(0))
+
+    def forward():
+        return model(input_ids=ids, labels=ids).loss
+
+    def step():
+        forward().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    held = list(model.parameters()) + [ids]
+    measure(benchmark, step, device, provider=provider, rounds=rounds,
+            tokens=batch * sequence, trainable=sum(p.numel() for p in params),
+            saved_bytes=saved_bytes(forward, exclude=held), peft=peft_version,
+            transformers=transformers.__version__, **info)
+
+
+# A CPU family (issue 12's targets are CPU ratios): on a CUDA machine it would only spend a GPU
+# session's minutes on the host's CPU, so it runs there only when asked. `pytestmark = CPU_FAMILY`.
+CPU_FAMILY = pytest.mark.skipif(
+    torch.cuda.is_available() and os.environ.get("SVK_BENCH_CPU_FAMILIES") != "1",
+    reason="CPU family; SVK_BENCH_CPU_FAMILIES=1 runs it on a CUDA machine too")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One thread (SVK_BENCH_THREADS changes it), as issue 12's targets are stated, and a
+    shared machine's threads swamp µs-long calls; imported by a module, it applies to it."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(int(os.environ.get("SVK_BENCH_THREADS", "1")))
+    yield
+    torch.set_num_threads(previous)
